@@ -1,0 +1,275 @@
+"""Differentiable Grad-CAM, Captum-backed.
+
+The definition is Captum's ``LayerGradCam(forward_fn, layer).attribute(x, target, relu_attributions=True)``:
+with ``A`` the layer's output (B, K, h, w) and ``s`` the target logit of each sample,
+
+    weights_k = mean over (h, w) of ds/dA_k,    CAM = ReLU(sum_k weights_k * A_k)   -> (B, h, w).
+
+Two backends share one interface:
+
+* ``captum`` calls Captum's ``LayerGradCam`` with ``grad_kwargs={"create_graph": ...}`` (one extra forward
+  pass per call);
+* ``fused`` captures the layer's output with a forward hook during the forward pass the caller needs anyway and
+  takes ``torch.autograd.grad`` of the target logits with respect to it. During training this makes the CAM of
+  every head nearly free: :func:`head_cams` computes the CAMs of several heads from ONE forward pass.
+
+Neither backend changes the model's train/eval mode, and every hook is removed on exit, also on an exception.
+Upsampling to the input size is a separate step (:func:`upsample`), used by the analysis layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ex2l_xai.errors import Ex2lError
+
+Target = int | Sequence[int] | Tensor
+HeadTarget = Target | Literal["pred", "all"]
+Backend = Literal["fused", "captum"]
+
+__all__ = [
+    "HeadCams",
+    "capture_activations",
+    "cam_from_activations",
+    "grad_cam",
+    "head_cams",
+    "upsample",
+]
+
+
+def _as_target(target: Target, n: int, device: torch.device) -> Tensor:
+    """Turn an int, a sequence or a tensor of class indices into a LongTensor of shape (n,)."""
+    if isinstance(target, Tensor):
+        t = target.to(device=device, dtype=torch.long).reshape(-1)
+    elif isinstance(target, int):
+        t = torch.full((n,), target, dtype=torch.long, device=device)
+    else:
+        t = torch.as_tensor(list(target), dtype=torch.long, device=device).reshape(-1)
+    if t.numel() == 1 and n != 1:
+        t = t.expand(n)
+    if t.numel() != n:
+        raise Ex2lError(f"target: expected an int or one class index per sample ({n}), got {t.numel()}")
+    return t
+
+
+@contextmanager
+def capture_activations(layers: Sequence[nn.Module]) -> Iterator[list[Tensor | None]]:
+    """Record the output of each layer during the forward passes run inside the ``with`` block.
+
+    Yields a list with one slot per *distinct* layer position in ``layers``; slot ``i`` holds the output of
+    ``layers[i]`` of the latest forward pass. The hook stores (and passes on) a clone of the output, as Captum
+    does, so an in-place operation after the layer cannot corrupt the gradient; when nothing upstream requires
+    grad (a frozen model), the stored output is made a leaf that does, so a CAM can still be taken.
+    Hooks are removed on exit, also when the block raises.
+    """
+    store: list[Tensor | None] = [None] * len(layers)
+    handles = []
+    first_index: dict[int, int] = {}
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, nn.Module):
+            raise Ex2lError(f"layers[{i}]: expected a torch.nn.Module, got {type(layer).__name__}")
+        first_index.setdefault(id(layer), i)
+
+    def make_hook(slots: list[int]) -> Callable[[nn.Module, Any, Any], Tensor]:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> Tensor:
+            if not isinstance(output, Tensor):
+                raise Ex2lError(f"CAM layer {type(_module).__name__} must output a tensor, got {type(output)}")
+            out = output.clone() if output.requires_grad else output.detach().requires_grad_(True)
+            for s in slots:
+                store[s] = out
+            return out
+
+        return hook
+
+    slots_of: dict[int, list[int]] = {}
+    for i, layer in enumerate(layers):
+        slots_of.setdefault(id(layer), []).append(i)
+    try:
+        for key, slots in slots_of.items():
+            handles.append(layers[first_index[key]].register_forward_hook(make_hook(slots)))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def cam_from_activations(
+    activations: Tensor,
+    scores: Tensor,
+    target: Target,
+    *,
+    create_graph: bool = False,
+    retain_graph: bool | None = None,
+    relu: bool = True,
+) -> Tensor:
+    """Grad-CAM of ``scores[:, target]`` at already-captured ``activations`` (B, K, *spatial).
+
+    ``scores`` must have been computed from ``activations`` in the same graph. Returns (B, *spatial); with
+    ``create_graph=False`` the result is detached.
+    """
+    if activations.dim() < 3:
+        raise Ex2lError(f"activations: expected (B, K, h, w) or (B, K, L), got shape {tuple(activations.shape)}")
+    if scores.dim() != 2 or scores.shape[0] != activations.shape[0]:
+        raise Ex2lError(
+            f"scores: expected (B, n_classes) with B={activations.shape[0]}, got shape {tuple(scores.shape)}"
+        )
+    t = _as_target(target, scores.shape[0], scores.device)
+    if int(t.min()) < 0 or int(t.max()) >= scores.shape[1]:
+        raise Ex2lError(f"target: class indices must lie in [0, {scores.shape[1]}), got {t.tolist()}")
+    selected = scores.gather(1, t[:, None]).sum()
+    (grads,) = torch.autograd.grad(
+        selected,
+        activations,
+        create_graph=create_graph,
+        retain_graph=create_graph if retain_graph is None else retain_graph,
+    )
+    spatial = tuple(range(2, activations.dim()))
+    weights = grads.mean(dim=spatial, keepdim=True)
+    cam = (weights * activations).sum(dim=1)
+    if relu:
+        cam = F.relu(cam)
+    return cam if create_graph else cam.detach()
+
+
+def _grad_cam_captum(
+    forward_fn: Callable[[Tensor], Tensor],
+    layer: nn.Module,
+    inputs: Tensor,
+    target: Tensor,
+    create_graph: bool,
+    relu: bool,
+) -> Tensor:
+    from captum.attr import LayerGradCam
+
+    attr = LayerGradCam(forward_fn, layer).attribute(
+        inputs,
+        target=target,
+        relu_attributions=relu,
+        grad_kwargs={"create_graph": create_graph, "retain_graph": create_graph},
+    )
+    cam = attr.squeeze(1)
+    return cam if create_graph else cam.detach()
+
+
+def grad_cam(
+    forward_fn: Callable[[Tensor], Tensor],
+    layer: nn.Module,
+    inputs: Tensor,
+    target: Target,
+    *,
+    backend: Backend = "fused",
+    create_graph: bool = False,
+    relu: bool = True,
+) -> Tensor:
+    """Grad-CAM of ``forward_fn(inputs)[:, target]`` at ``layer``; returns (B, h, w).
+
+    Parameters
+    ----------
+    forward_fn : callable mapping ``inputs`` to logits (B, n_classes), e.g. a model.
+    layer : the module whose output the CAM is taken at (e.g. ``model.layer4``).
+    inputs : batch of inputs (B, ...).
+    target : one class index for all samples, or one per sample.
+    backend : ``"fused"`` (forward hook + ``torch.autograd.grad``) or ``"captum"`` (``LayerGradCam``).
+    create_graph : keep the graph so the CAM can be differentiated (for a penalty); else it is detached.
+    relu : ReLU the map, as Grad-CAM does (``False`` gives the signed map).
+    """
+    t = _as_target(target, inputs.shape[0], inputs.device)
+    with torch.enable_grad():
+        if backend == "captum":
+            return _grad_cam_captum(forward_fn, layer, inputs, t, create_graph, relu)
+        if backend != "fused":
+            raise Ex2lError(f"backend: expected 'fused' or 'captum', got {backend!r}")
+        with capture_activations([layer]) as store:
+            scores = forward_fn(inputs)
+        if store[0] is None:
+            raise Ex2lError(f"layer {type(layer).__name__} was not called by forward_fn")
+        return cam_from_activations(store[0], scores, t, create_graph=create_graph, relu=relu)
+
+
+@dataclass
+class HeadCams:
+    """The result of :func:`head_cams`: the forward output, each head's logits, activations and CAM."""
+
+    output: Any
+    logits: tuple[Tensor, ...]
+    activations: tuple[Tensor, ...]
+    cams: tuple[Tensor | None, ...]
+
+
+def _head_cam(
+    acts: Tensor, logits: Tensor, target: HeadTarget, create_graph: bool, retain: bool, relu: bool
+) -> Tensor:
+    if isinstance(target, str):
+        if target == "pred":
+            return cam_from_activations(
+                acts, logits, logits.detach().argmax(1), create_graph=create_graph, retain_graph=retain, relu=relu
+            )
+        if target == "all":
+            n_classes = logits.shape[1]
+            maps = [
+                cam_from_activations(
+                    acts, logits, k, create_graph=create_graph, retain_graph=retain or k < n_classes - 1, relu=relu
+                )
+                for k in range(n_classes)
+            ]
+            return torch.stack(maps, dim=1)
+        raise Ex2lError(f"target: expected class indices, 'pred' or 'all', got {target!r}")
+    return cam_from_activations(acts, logits, target, create_graph=create_graph, retain_graph=retain, relu=relu)
+
+
+def head_cams(
+    forward_fn: Callable[[Tensor], Any],
+    layers: Sequence[nn.Module],
+    inputs: Tensor,
+    targets: Sequence[HeadTarget | None],
+    *,
+    create_graph: bool = True,
+    relu: bool = True,
+) -> HeadCams:
+    """The CAM of several heads from ONE forward pass (the training-time path of eX2L).
+
+    ``forward_fn(inputs)`` must return a sequence (tuple, NamedTuple, list) whose entry ``i`` is head ``i``'s
+    logits (B, n_classes_i); ``layers[i]`` is the CAM layer of head ``i`` (the same module for heads over one
+    shared backbone, different modules for two backbones). ``targets[i]`` is an int or one class per sample,
+    ``"pred"`` (the head's own prediction), ``"all"`` (every class: the CAM is (B, C, h, w)) or ``None`` (no
+    CAM for that head). With ``create_graph=True`` (default) the CAMs are differentiable and the graph of the
+    forward pass is kept for the caller's ``loss.backward()``.
+    """
+    if len(targets) != len(layers):
+        raise Ex2lError(f"targets: expected one per head ({len(layers)}), got {len(targets)}")
+    with torch.enable_grad():
+        with capture_activations(layers) as store:
+            output = forward_fn(inputs)
+        missing = [i for i, a in enumerate(store) if a is None]
+        if missing:
+            raise Ex2lError(f"layers {missing} were not called by forward_fn")
+        try:
+            logits = tuple(output[i] for i in range(len(layers)))
+        except (TypeError, IndexError, KeyError) as exc:
+            raise Ex2lError(
+                f"forward_fn must return a sequence with one logits tensor per head ({len(layers)}), "
+                f"got {type(output).__name__}"
+            ) from exc
+        wanted = [i for i, t in enumerate(targets) if t is not None]
+        cams: list[Tensor | None] = [None] * len(layers)
+        for j, i in enumerate(wanted):
+            # Keep the graph while another head still needs it, or when the caller will backpropagate.
+            retain = True if create_graph else j < len(wanted) - 1
+            cams[i] = _head_cam(store[i], logits[i], targets[i], create_graph, retain, relu)
+    acts = tuple(a for a in store if a is not None)
+    return HeadCams(output=output, logits=logits, activations=acts, cams=tuple(cams))
+
+
+def upsample(cam: Tensor, size: int | tuple[int, int]) -> Tensor:
+    """Bilinearly upsample CAMs (B, h, w) or (B, C, h, w) to ``size`` (as Captum's ``interpolate``)."""
+    squeeze = cam.dim() == 3
+    x = cam[:, None] if squeeze else cam
+    out = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return out[:, 0] if squeeze else out
