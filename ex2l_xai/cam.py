@@ -231,7 +231,8 @@ def head_cams(
     targets: Sequence[HeadTarget | None],
     *,
     create_graph: bool = True,
-    relu: bool = True,
+    retain_graph: bool | None = None,
+    relu: bool | Sequence[bool] = True,
 ) -> HeadCams:
     """The CAM of several heads from ONE forward pass (the training-time path of eX2L).
 
@@ -240,8 +241,10 @@ def head_cams(
     shared backbone, different modules for two backbones). ``targets[i]`` is an int or one class per sample,
     ``"pred"`` (the head's own prediction), ``"all"`` (every class: the CAM is (B, C, h, w)) or ``None`` (no
     CAM for that head). With ``create_graph=True`` (default) the CAMs are differentiable and the graph of the
-    forward pass is kept for the caller's ``loss.backward()``.
+    forward pass is kept for the caller's ``loss.backward()``; ``retain_graph=True`` keeps it also without
+    ``create_graph`` (CAMs for the logs only, loss still to be backpropagated). ``relu`` may be given per head.
     """
+    relus = [relu] * len(layers) if isinstance(relu, bool) else list(relu)
     if len(targets) != len(layers):
         raise Ex2lError(f"targets: expected one per head ({len(layers)}), got {len(targets)}")
     with torch.enable_grad():
@@ -261,8 +264,9 @@ def head_cams(
         cams: list[Tensor | None] = [None] * len(layers)
         for j, i in enumerate(wanted):
             # Keep the graph while another head still needs it, or when the caller will backpropagate.
-            retain = True if create_graph else j < len(wanted) - 1
-            cams[i] = _head_cam(store[i], logits[i], targets[i], create_graph, retain, relu)
+            keep = create_graph if retain_graph is None else retain_graph
+            retain = keep or j < len(wanted) - 1
+            cams[i] = _head_cam(store[i], logits[i], targets[i], create_graph, retain, relus[i])
     acts = tuple(a for a in store if a is not None)
     return HeadCams(output=output, logits=logits, activations=acts, cams=tuple(cams))
 
