@@ -133,7 +133,8 @@ class TwoHeadNet(nn.Module):
     ----------
     backbone : ``small_cnn``, ``resnet18`` or ``resnet50``.
     n_labels, n_confounders : head sizes; ``n_confounders=0`` builds no confounder head.
-    architecture : ``shared`` (both heads read one backbone) or ``dual`` (a backbone per head).
+    architecture : ``shared`` (both heads read one backbone) or ``dual`` (a backbone per head; a network without a
+        confounder head has one backbone either way).
     cam_layer : module path inside the backbone where CAMs are taken (``layer4``, ``layer3``, ...).
     pretrained : see :func:`build_backbone`.
     """
@@ -152,12 +153,11 @@ class TwoHeadNet(nn.Module):
         super().__init__()
         if architecture not in ("shared", "dual"):
             raise ConfigError(f"model.architecture: expected shared or dual, got {architecture!r}")
-        if architecture == "dual" and n_confounders <= 0:
-            raise ConfigError("model.architecture=dual needs a confounder head (n_confounders > 0)")
-        self.architecture = architecture
+        # without a confounder head there is nothing for a second backbone to serve: dual falls back to one
+        self.architecture = architecture if n_confounders > 0 else "shared"
         self.cam_layer_name = cam_layer
         self.backbone = build_backbone(backbone, pretrained, width)
-        self.conf_backbone = build_backbone(backbone, pretrained, width) if architecture == "dual" else None
+        self.conf_backbone = build_backbone(backbone, pretrained, width) if self.architecture == "dual" else None
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.label_head = nn.Linear(self.backbone.out_dim, n_labels)
         self.conf_head = nn.Linear(self.backbone.out_dim, n_confounders) if n_confounders > 0 else None

@@ -237,3 +237,20 @@ def test_golden_checksum() -> None:
             h.update(np.round(s["image"].numpy() * 255).astype(np.uint8).tobytes())
             h.update(s["mask"].numpy().astype(np.uint8).tobytes())
     assert h.hexdigest() == "f94543958a4917fff10a897e8c66aeb44e5316d2781f80aac08e100f8cf68fe0"
+
+
+def test_object_scale_grows_the_object_and_is_validated() -> None:
+    import numpy as np
+    import pytest
+
+    from ex2l_xai.data import get_dataset
+    from ex2l_xai.errors import DataError
+
+    small = get_dataset("synthetic", "train", per_group=4, image_size=64)
+    big = get_dataset("synthetic", "train", per_group=4, image_size=64, object_scale=1.5)
+    area_small = np.mean([small[i]["mask"].mean().item() for i in range(len(small))])
+    area_big = np.mean([big[i]["mask"].mean().item() for i in range(len(big))])
+    assert 1.8 < area_big / area_small < 2.6  # area grows with the square of the scale (1.5^2 = 2.25)
+    assert big[0]["label"] == small[0]["label"] and big[0]["confounder"] == small[0]["confounder"]
+    with pytest.raises(DataError, match="object_scale"):
+        get_dataset("synthetic", "train", per_group=4, object_scale=3)

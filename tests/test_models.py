@@ -71,3 +71,8 @@ def test_bad_names() -> None:
         TwoHeadNet("small_cnn", 2, 0, cam_layer="layer9")
     with pytest.raises(ConfigError, match="model.architecture"):
         TwoHeadNet("small_cnn", 2, 3, architecture="triple")
+
+
+def test_dual_without_confounder_head_is_one_backbone() -> None:
+    net = TwoHeadNet("small_cnn", 4, 0, architecture="dual", width=8)
+    assert net.conf_backbone is None and net.architecture == "shared"
