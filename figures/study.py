@@ -253,20 +253,26 @@ def collect(root: Path, seeds: tuple[int, ...]) -> dict[str, dict[str, list[dict
                         "oracle_test_aa": oracle["test"]["avg_acc"] if oracle else None,
                         "oracle_test_wga": oracle["test"]["worst_group_acc"] if oracle else None,
                         "train_zero_cam": (sel.get("stats") or {}).get("zero_cam_share"),
+                        "train_penalty": (sel.get("stats") or {}).get("penalty_mean"),
                         **{f"m_{k}": v for k, v in extra.items()},
                     }
                 )
     return table
 
 
-def _ms(values: list[Any], pct: bool = True) -> str:
+def _ms(values: list[Any], pct: bool = True, digits: int = 1) -> str:
+    """``mean ± std`` over seeds (percent by default); ``–`` where nothing was measured."""
     vals = [v for v in values if v is not None and v == v]
     if not vals:
         return "–"
     f = 100.0 if pct else 1.0
     mean = statistics.fmean(vals) * f
     sd = statistics.stdev(vals) * f if len(vals) > 1 else 0.0
-    return f"{mean:.1f} ± {sd:.1f}"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def _pct(value: float) -> str:
+    return "–" if value != value else f"{100 * value:.0f}"
 
 
 def _mean(values: list[Any]) -> float:
@@ -306,8 +312,9 @@ def render(table: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
             continue
         lines.append(f"\n#### {b}: {desc}\n")
         lines.append("| method | seeds | val WGA | test AA | test WGA | oracle: test AA | oracle: test WGA "
-                     "| zero label CAMs (train) | zero label CAMs (test) | CAM mass in object | decision leak (chance) |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+                     "| zero label CAMs (train) | zero label CAMs (test) | CAM mass in object | decision leak (chance) "
+                     "| penalty (train) |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for m, (mdesc, _) in METHODS.items():
             recs = rows.get(m) if m in methods_of(b) else None
             if not recs:
@@ -320,7 +327,8 @@ def render(table: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
                 f"| {_ms([r['oracle_test_aa'] for r in recs])} | {_ms([r['oracle_test_wga'] for r in recs])} "
                 f"| {_ms([r['train_zero_cam'] for r in recs])} | {_ms([r.get('m_zero_cam_share') for r in recs])} "
                 f"| {_ms([r.get('m_cam_in_mask') for r in recs])} "
-                f"| {_ms([r.get('m_logit_leak') for r in recs])} ({100 * chance:.0f}) |"
+                f"| {_ms([r.get('m_logit_leak') for r in recs])} ({_pct(chance)}) "
+                f"| {_ms([r.get('train_penalty') for r in recs], pct=False, digits=3)} |"
             )
     return "\n".join(lines) + "\n"
 
