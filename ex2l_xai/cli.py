@@ -1,0 +1,273 @@
+"""The ``ex2l`` command line: ``train``, ``evaluate``, ``demo`` (and ``audit``, ``figures`` added by the
+analysis layer).
+
+Each sub-command is one function decorated with :func:`command`, which adds its sub-parser and sets the handler;
+adding a sub-command is adding one such function. Any :class:`~ex2l_xai.errors.Ex2lError` becomes one line
+``ex2l: error: <message>`` on stderr and exit code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ex2l_xai.errors import Ex2lError
+
+log = logging.getLogger("ex2l_xai.cli")
+
+# OpenMP threads that spin while waiting make CPU training 10-50x slower when other processes share the cores;
+# waiting passively costs little on an idle machine. Set before torch is imported (the commands import it
+# lazily); an explicit OMP_WAIT_POLICY in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+Handler = Callable[[argparse.Namespace], int | None]
+Adder = Callable[[argparse._SubParsersAction], None]
+COMMANDS: list[Adder] = []
+
+DEMO_ALGORITHMS = ("erm", "groupdro", "ex2l")
+
+
+def command(adder: Adder) -> Adder:
+    """Register a function that adds one sub-parser (and ``set_defaults(func=handler)``) to ``ex2l``."""
+    COMMANDS.append(adder)
+    return adder
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ex2l`` parser with every registered sub-command."""
+    parser = argparse.ArgumentParser(
+        prog="ex2l", description="eXplaining to Learn: train, evaluate and audit classifiers for spurious reliance."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for adder in COMMANDS:
+        adder(sub)
+    return parser
+
+
+def _version() -> str:
+    from ex2l_xai import __version__
+
+    return __version__
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, warnings and errors only")
+
+
+# ---- train ---------------------------------------------------------------------------------------------------
+@command
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train one run into a run folder (resumes an unfinished one)")
+    p.add_argument("--config", "-c", required=True, metavar="FILE_OR_PRESET",
+                   help="a YAML file or a preset: quick, spawrious_m2m_hard, waterbirds")
+    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key, e.g. --set algorithm.name=erm --set train.epochs=5 (repeatable)")
+    p.add_argument("--out", "-o", required=True, metavar="DIR", help="the run folder")
+    _add_common(p)
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ex2l_xai.config import load_config
+    from ex2l_xai.train import train
+
+    config = load_config(args.config, args.overrides)
+    results = train(config, args.out, quiet=args.quiet)
+    print(_format_table([_row(results["algorithm"], results)], title=f"{args.out} (test metrics of the selected epoch)"))
+    return 0
+
+
+# ---- evaluate ------------------------------------------------------------------------------------------------
+@command
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="metrics of a run's selected model (best.pt) on a split")
+    p.add_argument("run", metavar="RUN", help="a run folder written by `ex2l train`")
+    p.add_argument("--split", default="test", help="train, val, test (synthetic also oracle_val); default test")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument("--json", action="store_true", help="print the metrics dict as JSON instead of a table")
+    _add_common(p)
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from ex2l_xai.train import evaluate
+
+    m = evaluate(args.run, args.split, device=args.device)
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    lines = [f"{args.run} on {args.split}: average {m['avg_acc']:.4f}, mean group {m['mean_group_acc']:.4f}, "
+             f"worst group {m['worst_group_acc']:.4f}", f"{'group':<28}{'acc':>8}{'n':>8}"]
+    lines += [f"{g:<28}{v['acc']:>8.4f}{v['n']:>8d}" for g, v in m["per_group"].items()]
+    print("\n".join(lines))
+    return 0
+
+
+# ---- demo ----------------------------------------------------------------------------------------------------
+@command
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="ERM, GroupDRO and eX2L on the quick preset, then a comparison table")
+    p.add_argument("--out", "-o", default="runs/demo", metavar="DIR", help="output folder (default runs/demo)")
+    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], help=argparse.SUPPRESS)
+    _add_common(p)
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ex2l_xai.config import load_config
+    from ex2l_xai.train import train
+
+    start = time.time()
+    out = Path(args.out)
+    rows, run_dirs = [], []
+    for name in DEMO_ALGORITHMS:
+        config = load_config("quick", [*args.overrides, f"algorithm.name={name}"])
+        run_dir = out / name
+        log.info("demo: training %s into %s", name, run_dir)
+        results = train(config, run_dir, quiet=args.quiet)
+        rows.append(_row(name, results))
+        run_dirs.append(run_dir)
+    train_seconds = time.time() - start
+    print(_format_table(rows, title="demo: synthetic m2m_hard (quick preset), test metrics of the selected epoch"))
+    print(f"training + evaluation wall time: {train_seconds:.0f} s")
+    _demo_report(run_dirs, out)
+    print(f"total wall time: {time.time() - start:.0f} s; runs in {out}")
+    return 0
+
+
+def _demo_report(run_dirs: Sequence[Path], out: Path) -> None:
+    """THE demo's single call site of the audit report (``analysis.report.demo_report``): ``<out>/report``."""
+    from analysis.report import demo_report
+
+    start = time.time()
+    path = demo_report(list(run_dirs), out / "report")
+    print(f"audit report ({time.time() - start:.0f} s): {path}")
+
+
+def _row(name: str, results: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "algorithm": name,
+        "val_avg": results["val"]["avg_acc"],
+        "val_wga": results["val"]["worst_group_acc"],
+        "test_avg": results["test"]["avg_acc"],
+        "test_wga": results["test"]["worst_group_acc"],
+        "epoch": results["selected_epoch"],
+        "seconds": results.get("wall_seconds", float("nan")),
+    }
+
+
+def _format_table(rows: list[dict[str, Any]], title: str = "") -> str:
+    head = f"{'algorithm':<12}{'test avg':>10}{'test WGA':>10}{'val avg':>10}{'val WGA':>10}{'epoch':>7}{'time':>8}"
+    lines = [title, head, "-" * len(head)] if title else [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['algorithm']:<12}{r['test_avg']:>10.3f}{r['test_wga']:>10.3f}{r['val_avg']:>10.3f}"
+            f"{r['val_wga']:>10.3f}{r['epoch']:>7d}{r['seconds']:>7.0f}s"
+        )
+    return "\n".join(lines)
+
+
+# ---- audit and figures (the analysis layer) ------------------------------------------------------------------
+@command
+def _add_audit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("audit", help="audit runs for spurious reliance: report.html, audit.json and figures/")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders written by `ex2l train` (the first is the "
+                   "reference of the gaming warnings, e.g. ERM)")
+    p.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--split", default="test", help="split of the runs' dataset to audit (default test)")
+    p.add_argument("--max-samples", type=int, default=2000, metavar="N",
+                   help="seeded, group-stratified subsample of the split (default 2000; 0 = all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subsample, probes and UMAP (default 0)")
+    p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--rule", default="worst_groups", choices=("worst_groups", "disagreement", "random"),
+                   help="how the Grad-CAM grid's rows are chosen (default worst_groups)")
+    p.add_argument("--rows", type=int, default=6, help="rows of the Grad-CAM grid (default 6)")
+    _add_common(p)
+    p.set_defaults(func=_cmd_audit)
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from analysis.report import audit
+
+    res = audit(args.runs, args.out, split=args.split, max_samples=args.max_samples or None, seed=args.seed,
+                device=args.device, rule=args.rule, n_rows=args.rows, quiet=args.quiet)
+    head = f"{'model':<16}{'avg acc':>9}{'WGA':>8}{'MMD_env':>10}{'leak(z)':>9}{'leak(logit)':>12}{'CAM in obj':>12}"
+    lines = [f"audit of {len(res['runs'])} run(s) on {args.split}", head, "-" * len(head)]
+
+    def f(v: Any, fmt: str = ".3f") -> str:
+        return "n/a" if v is None else format(v, fmt)
+
+    for r in res["runs"]:
+        lk = r["leakage"]
+        lines.append(f"{r['name'][:15]:<16}{f(r['avg_acc']):>9}{f(r['worst_group_acc']):>8}{f(r['mmd_env'], '.4f'):>10}"
+                     f"{f(lk['within_label_acc']):>9}{f(lk['logit_leak']):>12}{f(r['cam_in_mask']):>12}")
+    lines += [f"warning: {w}" for w in res["warnings"]]
+    lines.append(f"report: {res['report']}")
+    print("\n".join(lines))
+    return 0
+
+
+@command
+def _add_figures(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("figures", help="the paper's Figs. 1-3 and results table from run folders")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders written by `ex2l train`")
+    p.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--only", default="fig1,fig2,fig3,table", help="comma-separated subset of fig1,fig2,fig3,table")
+    p.add_argument("--split", default="test", help="split to draw and tabulate (default test)")
+    p.add_argument("--max-samples", type=int, default=2000, metavar="N", help="subsample for the figures (0 = all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subsample, rows and UMAP (default 0)")
+    _add_common(p)
+    p.set_defaults(func=_cmd_figures)
+
+
+def _cmd_figures(args: argparse.Namespace) -> int:
+    from analysis.audit import paper_figures
+
+    which = [w.strip() for w in args.only.split(",") if w.strip()]
+    written = paper_figures(args.runs, args.out, which=which, split=args.split,
+                            max_samples=args.max_samples or None, seed=args.seed)
+    print("\n".join(f"{k}: {v}" for k, v in written.items()))
+    return 0
+
+
+# ---- entry point ---------------------------------------------------------------------------------------------
+def _setup_logging(quiet: bool) -> None:
+    root = logging.getLogger()
+    if not any(getattr(h, "_ex2l", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._ex2l = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    level = logging.WARNING if quiet else logging.INFO
+    root.setLevel(level)
+    logging.getLogger("ex2l_xai").setLevel(level)
+    logging.getLogger("analysis").setLevel(level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``ex2l`` with ``argv`` (default: ``sys.argv[1:]``) and return the exit status (2 on an Ex2lError,
+    printed as one line on stderr; argparse exits with 2 itself on a usage error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(getattr(args, "quiet", False))
+    try:
+        return int(args.func(args) or 0)
+    except Ex2lError as exc:
+        print(f"ex2l: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ex2l: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
