@@ -39,9 +39,19 @@ if str(ROOT) not in sys.path:
 log = logging.getLogger("study")
 
 BASE_PRESET = "quick"
-# The study's benchmark size and training budget (on top of the quick preset): 64 px images, 300 images per
-# class and training environment (1920 train images after carving validation), 25 epochs.
+# The study's benchmark size and training budget, pinned here so later changes of the quick preset cannot
+# change it: 64 px images, 300 images per class and training environment (1920 train images after carving
+# validation), small CNN width 16 with one backbone unless a method says otherwise, Adam 3e-3, cosine, 25 epochs.
 BASE_OVERRIDES: list[str] = [
+    "data.batch_size=64",
+    "model.backbone=small_cnn",
+    "model.width=16",
+    "model.architecture=shared",
+    "model.cam_layer=layer4",
+    "optim.name=adam",
+    "optim.lr=0.003",
+    "optim.weight_decay=0.0",
+    "schedule.name=cosine",
     "data.options.image_size=64",
     "data.options.per_group=300",
     "data.options.test_per_group=100",
