@@ -1,0 +1,24 @@
+"""The analysis layer: audit any torch classifier for spurious reliance.
+
+Entry points (each module's docstring has the details)::
+
+    from analysis.extract import extract          # latents, logits, Grad-CAMs of a model over a dataset
+    from analysis.report import audit             # report.html + audit.json + figures/ for runs or models
+    from analysis.overlays import gradcam_grid    # Fig. 1: Grad-CAM overlay grid
+    from analysis.embeddings import embedding_figure  # Figs. 2-3: UMAP of latents by label/confounder/env
+    from analysis.mmd import mmd_env              # MMD across environments
+    from analysis.probes import leakage           # linear-probe confounder leakage
+    from analysis.localization import localization_summary  # CAM vs masks, label vs confounder overlap
+
+This package may import ``ex2l_xai``; ``ex2l_xai`` never imports it (``ex2l_xai/cli.py`` aside).
+"""
+
+from ex2l_xai.errors import Ex2lError
+
+
+class AnalysisError(Ex2lError, ValueError):
+    """Bad input to an analysis function (wrong shape, mismatched lengths, ...). An :class:`Ex2lError`, so the
+    CLI prints it as one line; also a ``ValueError``, as numerical code conventionally raises."""
+
+
+__all__ = ["AnalysisError"]

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from analysis import AnalysisError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -47,7 +49,7 @@ def _maps(x: Any, name: str) -> torch.Tensor:
     if t.ndim == 2:
         t = t[None]
     if t.ndim != 3:
-        raise ValueError(f"{name}: expected maps of shape (B, h, w) or (B, 1, h, w), got {tuple(t.shape)}")
+        raise AnalysisError(f"{name}: expected maps of shape (B, h, w) or (B, 1, h, w), got {tuple(t.shape)}")
     return t.to(torch.float64)
 
 
@@ -56,7 +58,7 @@ def _cams_and_masks(cams: Any, masks: Any) -> tuple[torch.Tensor, torch.Tensor]:
     c = _maps(cams, "cams").clamp_min(0.0)
     m = _maps(masks, "masks")
     if c.shape[0] != m.shape[0]:
-        raise ValueError(f"cams has {c.shape[0]} maps but masks has {m.shape[0]}")
+        raise AnalysisError(f"cams has {c.shape[0]} maps but masks has {m.shape[0]}")
     if c.shape[1:] != m.shape[1:]:
         c = F.interpolate(c[:, None], size=tuple(m.shape[1:]), mode="bilinear", align_corners=False)[:, 0]
         c = c.clamp_min(0.0)
@@ -137,7 +139,7 @@ def cam_overlap(cam_a: Any, cam_b: Any, kind: str = "dice", norm: str = "max") -
 
     a, b = _maps(cam_a, "cam_a"), _maps(cam_b, "cam_b")
     if a.shape != b.shape:
-        raise ValueError(f"cam_overlap: cam_a {tuple(a.shape)} and cam_b {tuple(b.shape)} differ in shape")
+        raise AnalysisError(f"cam_overlap: cam_a {tuple(a.shape)} and cam_b {tuple(b.shape)} differ in shape")
     return similarity(a, b, kind=kind, norm=norm)
 
 
@@ -235,12 +237,12 @@ def gaming_warnings(
     if isinstance(reference, str):
         matches = [i for i, r in enumerate(rows) if r.get("name") == reference]
         if not matches:
-            raise ValueError(f"gaming_warnings: no row named {reference!r}")
+            raise AnalysisError(f"gaming_warnings: no row named {reference!r}")
         ref_i = matches[0]
     else:
         ref_i = reference
         if not -len(rows) <= ref_i < len(rows):
-            raise ValueError(f"gaming_warnings: reference index {ref_i} out of range for {len(rows)} rows")
+            raise AnalysisError(f"gaming_warnings: reference index {ref_i} out of range for {len(rows)} rows")
     ref = rows[ref_i]
     ref_name = ref.get("name", f"row {ref_i}")
     ref_cam, ref_leak = ref.get("cam_in_mask"), ref.get("logit_leak")

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from analysis import AnalysisError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -52,7 +54,7 @@ def _as_matrix(x: ArrayLike, name: str) -> torch.Tensor:
     if t.ndim == 1:
         t = t[:, None]
     if t.ndim != 2:
-        raise ValueError(f"{name}: expected a 2-D array (n_samples, n_features), got shape {tuple(t.shape)}")
+        raise AnalysisError(f"{name}: expected a 2-D array (n_samples, n_features), got shape {tuple(t.shape)}")
     if not t.is_floating_point():
         t = t.to(torch.float64)
     return t
@@ -68,7 +70,7 @@ def _kernel_fn(kernel: str, bandwidth: float | None) -> tuple[KernelFn, float]:
     """Kernel as a function of squared distances, and its value at distance 0."""
     if kernel == "gaussian":
         if bandwidth is None or not bandwidth > 0 or not math.isfinite(bandwidth):
-            raise ValueError(f"bandwidth: expected a positive finite number, got {bandwidth!r}")
+            raise AnalysisError(f"bandwidth: expected a positive finite number, got {bandwidth!r}")
         scale = -1.0 / (2.0 * bandwidth * bandwidth)
         return (lambda d: d.mul_(scale).exp_()), 1.0
     if kernel == "multi":
@@ -80,7 +82,7 @@ def _kernel_fn(kernel: str, bandwidth: float | None) -> tuple[KernelFn, float]:
             return out
 
         return multi, float(len(DOMAINBED_GAMMAS))
-    raise ValueError(f"kernel: expected one of {_KERNELS}, got {kernel!r}")
+    raise AnalysisError(f"kernel: expected one of {_KERNELS}, got {kernel!r}")
 
 
 def _blocks(n: int, block_size: int) -> list[tuple[int, int]]:
@@ -152,7 +154,7 @@ def median_heuristic_bandwidth(*samples: ArrayLike, max_samples: int = 2000, see
     mats = [_as_matrix(s, f"samples[{i}]") for i, s in enumerate(samples)]
     n_total = sum(m.shape[0] for m in mats)
     if n_total < 2:
-        raise ValueError(f"median heuristic: need at least 2 pooled samples, got {n_total}")
+        raise AnalysisError(f"median heuristic: need at least 2 pooled samples, got {n_total}")
     if n_total > max_samples:
         gen = torch.Generator().manual_seed(seed)
         idx = torch.randperm(n_total, generator=gen)[:max_samples].sort().values
@@ -181,7 +183,7 @@ def _resolve_bandwidth(
 ) -> float | None:
     if kernel == "multi":
         if bandwidth is not None:
-            raise ValueError("bandwidth: not used by kernel='multi' (DomainBed's fixed gammas); pass None")
+            raise AnalysisError("bandwidth: not used by kernel='multi' (DomainBed's fixed gammas); pass None")
         return None
     if bandwidth is None:
         return median_heuristic_bandwidth(*samples, max_samples=max_samples, seed=seed)
@@ -198,7 +200,7 @@ def _combine(sxx: float, syy: float, sxy: float, m: int, n: int, k0: float, unbi
 def _check_sizes(m: int, n: int, unbiased: bool) -> None:
     need = 2 if unbiased else 1
     if m < need or n < need:
-        raise ValueError(
+        raise AnalysisError(
             f"mmd2: each sample needs at least {need} rows for the {'unbiased' if unbiased else 'biased'} "
             f"estimate, got {m} and {n}"
         )
@@ -233,7 +235,7 @@ def mmd2(
     """
     xt, yt = _as_matrix(x, "x"), _as_matrix(y, "y")
     if xt.shape[1] != yt.shape[1]:
-        raise ValueError(f"mmd2: x has {xt.shape[1]} features and y has {yt.shape[1]}; expected equal")
+        raise AnalysisError(f"mmd2: x has {xt.shape[1]} features and y has {yt.shape[1]}; expected equal")
     m, n = xt.shape[0], yt.shape[0]
     _check_sizes(m, n, unbiased)
     bw = _resolve_bandwidth(kernel, bandwidth, [xt, yt], max_bandwidth_samples, seed)
@@ -303,7 +305,7 @@ def _permutation_pvalue(
 ) -> tuple[float, float]:
     """p-value and observed MMD^2 for the split (first ``m`` rows of the pooled sample) vs the rest."""
     if n_permutations < 1:
-        raise ValueError(f"n_permutations: expected a positive integer, got {n_permutations}")
+        raise AnalysisError(f"n_permutations: expected a positive integer, got {n_permutations}")
     n_all = z.shape[0] if z_idx is None else z_idx.shape[0]
     n = n_all - m
     gen = torch.Generator().manual_seed(seed)
@@ -366,7 +368,7 @@ def permutation_test(
     """
     xt, yt = _as_matrix(x, "x"), _as_matrix(y, "y")
     if xt.shape[1] != yt.shape[1]:
-        raise ValueError(f"permutation_test: x has {xt.shape[1]} features and y has {yt.shape[1]}")
+        raise AnalysisError(f"permutation_test: x has {xt.shape[1]} features and y has {yt.shape[1]}")
     _check_sizes(xt.shape[0], yt.shape[0], unbiased)
     bw = _resolve_bandwidth(kernel, bandwidth, [xt, yt], max_bandwidth_samples, seed)
     kfn, k0 = _kernel_fn(kernel, bw)
@@ -409,7 +411,7 @@ def mmd_env(
     z = _as_matrix(latents, "latents")
     e = np.asarray(envs.detach().cpu() if isinstance(envs, torch.Tensor) else envs).reshape(-1)
     if e.shape[0] != z.shape[0]:
-        raise ValueError(f"mmd_env: latents has {z.shape[0]} rows but envs has {e.shape[0]} entries")
+        raise AnalysisError(f"mmd_env: latents has {z.shape[0]} rows but envs has {e.shape[0]} entries")
     out: dict[str, Any] = {
         "mmd_env": None,
         "pairs": [],

@@ -18,6 +18,8 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from analysis import AnalysisError
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["leakage", "probe"]
@@ -33,7 +35,7 @@ def _np(a: Any, name: str, ndim: int) -> np.ndarray:
     if ndim == 1:
         arr = arr.reshape(-1) if arr.ndim == 2 and 1 in arr.shape else arr
     if arr.ndim != ndim:
-        raise ValueError(f"{name}: expected a {ndim}-D array, got shape {arr.shape}")
+        raise AnalysisError(f"{name}: expected a {ndim}-D array, got shape {arr.shape}")
     return arr
 
 
@@ -84,9 +86,9 @@ def probe(
     x = _np(features, "features", 2).astype(np.float64, copy=False)
     y = _np(target, "target", 1)
     if x.shape[0] != y.shape[0]:
-        raise ValueError(f"probe: features has {x.shape[0]} rows but target has {y.shape[0]} entries")
+        raise AnalysisError(f"probe: features has {x.shape[0]} rows but target has {y.shape[0]} entries")
     if not np.isfinite(x).all():
-        raise ValueError("probe: features contain NaN or inf values")
+        raise AnalysisError("probe: features contain NaN or inf values")
     classes, counts = np.unique(y, return_counts=True)
     dropped = [c.item() for c, k in zip(classes, counts, strict=True) if k < cv]
     keep_classes = classes[counts >= cv]
@@ -187,7 +189,7 @@ def leakage(
     y = _np(labels, "labels", 1)
     c = _np(confounders, "confounders", 1)
     if not (z.shape[0] == y.shape[0] == c.shape[0]):
-        raise ValueError(
+        raise AnalysisError(
             f"leakage: latents ({z.shape[0]}), labels ({y.shape[0]}) and confounders ({c.shape[0]}) "
             "must have the same number of rows"
         )
@@ -209,7 +211,7 @@ def leakage(
             continue
         arr = _np(extra, name if name == "logits" else "random_latents", 2)
         if arr.shape[0] != z.shape[0]:
-            raise ValueError(f"leakage: {name} has {arr.shape[0]} rows, expected {z.shape[0]}")
+            raise AnalysisError(f"leakage: {name} has {arr.shape[0]} rows, expected {z.shape[0]}")
         out[name] = both(arr)
     out["confounder_probe_acc"] = out["confounder"]["balanced_acc"]
     out["chance"] = out["confounder"]["chance"]
