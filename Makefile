@@ -36,7 +36,7 @@ bench: $(STAMP)
 	$(VPY) benchmarks/data_throughput.py
 
 docs: $(STAMP)
-	$(VENV)/bin/mkdocs build --strict --quiet -d site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet -d site
 
 clean:
 	rm -rf $(VENV) site runs
