@@ -9,6 +9,7 @@ import pytest
 import torch
 import torchvision
 from captum.attr import LayerGradCam
+from helpers import PNG, TINY
 
 from analysis.embeddings import MIN_SAMPLES, embed, embedding_figure
 from analysis.extract import Extraction, extract, random_copy, subsample_indices
@@ -17,17 +18,6 @@ from ex2l_xai.config import load_config
 from ex2l_xai.data import get_dataset
 from ex2l_xai.errors import Ex2lError
 from ex2l_xai.train import load_run_model, train
-
-TINY = [
-    "data.options.image_size=32",
-    "data.options.per_group=8",
-    "data.options.test_per_group=8",
-    "data.batch_size=16",
-    "model.width=8",
-    "train.epochs=1",
-    "train.device=cpu",
-]
-PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from helpers import PNG, TINY
 
 from analysis.audit import AuditTarget, jsonable, markdown_table, results_table
 from analysis.report import FIGURES, audit
@@ -24,16 +25,6 @@ from ex2l_xai.data import get_dataset
 from ex2l_xai.errors import Ex2lError
 from ex2l_xai.train import train
 
-TINY = [
-    "data.options.image_size=32",
-    "data.options.per_group=8",
-    "data.options.test_per_group=8",
-    "data.batch_size=16",
-    "model.width=8",
-    "train.epochs=1",
-    "train.device=cpu",
-]
-PNG = b"\x89PNG\r\n\x1a\n"
 ALGORITHMS = ("erm", "groupdro", "ex2l")
 RUN_KEYS = {"mmd_env", "leakage", "cam_overlap", "cam_in_mask", "zero_cam_share", "pointing_game", "avg_acc",
             "worst_group_acc", "mean_group_acc", "per_group", "name", "source"}

@@ -4,17 +4,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import TINY as _TINY
 
 from ex2l_xai.cli import COMMANDS, build_parser, main
 
-TINY = [
-    "data.options.image_size=32",
-    "data.options.per_group=8",
-    "data.options.test_per_group=8",
-    "data.batch_size=16",
-    "model.width=8",
-    "train.epochs=1",
-]
+TINY = [o for o in _TINY if o != "train.device=cpu"]
 
 
 def sets(*overrides: str) -> list[str]:

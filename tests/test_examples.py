@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import PNG, TINY
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["train.epochs=1", "data.options.per_group=6", "data.options.test_per_group=6", "model.width=4"]
 
 
 def _example(name: str):
@@ -22,7 +22,7 @@ def _example(name: str):
 
 def _png(path: Path) -> None:
     data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    assert data[:8] == PNG and len(data) > 10_000
 
 
 def test_differentiable_gradcam(capsys: pytest.CaptureFixture[str]) -> None:

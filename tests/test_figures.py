@@ -10,21 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import PNG, TINY
 
 from ex2l_xai.config import load_config
 from ex2l_xai.train import train
 
 FIGURES = Path(__file__).resolve().parents[1] / "figures"
-TINY = [
-    "data.options.image_size=32",
-    "data.options.per_group=8",
-    "data.options.test_per_group=8",
-    "data.batch_size=16",
-    "model.width=8",
-    "train.epochs=1",
-    "train.device=cpu",
-]
-PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,9 @@ import json
 import sys
 from pathlib import Path
 
+from helpers import TINY
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["train.epochs=1", "data.options.per_group=6", "data.options.test_per_group=6", "model.width=4",
-        "data.options.image_size=32"]
 
 
 def _study():
