@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> list[float]:
         loss.backward()
         opt.step()
         # -----------------------------------------------------------------------------------------------
-        history.append(float(penalty))
-        print(f"step {step:3d}  loss {float(loss):.3f}  dice(label CAM, confounder CAM) {float(penalty):.3f}")
+        history.append(float(penalty.detach()))
+        print(f"step {step:3d}  loss {float(loss.detach()):.3f}  dice(label CAM, confounder CAM) {history[-1]:.3f}")
     # The same label CAM through Captum's LayerGradCam, for comparison (one extra forward pass):
     net.eval()
     ours = grad_cam(lambda i: net(i)[0], cam_layer, x, y)
