@@ -12,7 +12,6 @@ import logging
 import os
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -213,10 +212,7 @@ def embedding_figure(
         head += "\nMMD$_{env}$: mean squared MMD between environments (lower = more domain-invariant)"
     fig.suptitle(head, fontsize=10)
     if out is not None:
-        from analysis.overlays import _save
+        from analysis.overlays import save_figure
 
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _save(fig, path, dpi)
-        plt.close(fig)
+        save_figure(fig, out, dpi)
     return fig

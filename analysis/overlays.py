@@ -239,10 +239,7 @@ def gradcam_grid(
         fontsize=10,
     )
     if out is not None:
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _save(fig, path, dpi)
-        plt.close(fig)
+        save_figure(fig, out, dpi)
     return fig
 
 
@@ -254,8 +251,13 @@ def _rule_text(rule: str) -> str:
     }[rule]
 
 
-def _save(fig: Any, path: Path, dpi: int) -> None:
-    """Save a figure atomically (temporary file, then ``os.replace``)."""
+def save_figure(fig: Any, out: str | os.PathLike[str], dpi: int) -> None:
+    """Save a figure atomically (temporary file in the same folder, then ``os.replace``) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png", facecolor="white")
     os.replace(tmp, path)
+    plt.close(fig)
