@@ -6,6 +6,7 @@ will. After training, each run gets ``study_metrics.json``: on the test split, t
 CAMs, the share of label-CAM mass inside the object mask, and the decision-level leak (a linear probe that
 predicts the background from the label logits within each label; analysis.probes).
 
+    python figures/study.py all --jobs 2 --md docs/results.md   # everything: train (resumable), then the tables
     python figures/study.py run --jobs 2              # train every configuration (resumable), progress bars
     python figures/study.py report --md docs/results.md   # aggregate; rewrite the tables of docs/results.md
     python figures/study.py run --only m2m_hard --seeds 0   # a subset
@@ -368,22 +369,27 @@ def cmd_report(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("run", "report"):
+    for name in ("run", "report", "all"):
         p = sub.add_parser(name)
         p.add_argument("--root", default=str(ROOT / "runs" / "study"), help="where the run folders live")
         p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
         p.add_argument("--quiet", action="store_true")
-        if name == "run":
+        if name in ("run", "all"):
             p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
             p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="torch threads per run")
             p.add_argument("--only", default="", help="regex on '<benchmark>/<method>'")
             p.add_argument("--set", nargs="*", default=[], help="extra overrides for every run (tests: tiny runs)")
             p.add_argument("--device", default="cpu", help="train.device of every run (cpu, cuda, auto)")
-        else:
+        if name in ("report", "all"):
             p.add_argument("--md", default="", help="rewrite the study section of this markdown file")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(message)s")
-    return cmd_run(args) if args.cmd == "run" else cmd_report(args)
+    if args.cmd == "run":
+        return cmd_run(args)
+    if args.cmd == "report":
+        return cmd_report(args)
+    failed = cmd_run(args)  # all: train what is missing, then write the tables (of what finished)
+    return cmd_report(args) or failed
 
 
 if __name__ == "__main__":
