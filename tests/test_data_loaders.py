@@ -10,24 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import BGS, CLASSES, TABLE
 from PIL import Image
 
 from ex2l_xai.data import get_dataset
 from ex2l_xai.errors import DataError
 
-CLASSES = ["bulldog", "dachshund", "labrador", "corgi"]
-BGS = ["desert", "jungle", "dirt", "mountain", "snow", "beach"]
 N_FILES = 12  # images per spawrious224/<folder>/<background>/<class>
-
-# Issue 3's table (train group g, test t, filler), independent of the package.
-TABLE = {
-    "o2o_easy": (["desert", "jungle", "dirt", "snow"], ["dirt", "snow", "desert", "jungle"], "beach"),
-    "o2o_medium": (["mountain", "beach", "dirt", "jungle"], ["jungle", "dirt", "beach", "snow"], "desert"),
-    "o2o_hard": (["jungle", "mountain", "snow", "desert"], ["mountain", "snow", "desert", "jungle"], "beach"),
-    "m2m_easy": (["desert", "mountain", "dirt", "jungle"], ["dirt", "jungle", "mountain", "desert"], None),
-    "m2m_medium": (["beach", "snow", "mountain", "desert"], ["desert", "mountain", "beach", "snow"], None),
-    "m2m_hard": (["dirt", "jungle", "snow", "beach"], ["snow", "beach", "dirt", "jungle"], None),
-}
 
 
 def png_bytes(size: int = 8, seed: int = 0) -> bytes:

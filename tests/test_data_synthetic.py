@@ -7,24 +7,12 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from helpers import BGS, CLASSES, TABLE
 from torch.utils.data import DataLoader
 
 from ex2l_xai.data import DATASETS, get_dataset
 from ex2l_xai.data.synthetic import SyntheticDataset
 from ex2l_xai.errors import DataError
-
-CLASSES = ["bulldog", "dachshund", "labrador", "corgi"]
-BGS = ["desert", "jungle", "dirt", "mountain", "snow", "beach"]
-
-# Issue 3's table, written out independently of ex2l_xai.data.challenges: (train group g, test t, filler).
-TABLE = {
-    "o2o_easy": (["desert", "jungle", "dirt", "snow"], ["dirt", "snow", "desert", "jungle"], "beach"),
-    "o2o_medium": (["mountain", "beach", "dirt", "jungle"], ["jungle", "dirt", "beach", "snow"], "desert"),
-    "o2o_hard": (["jungle", "mountain", "snow", "desert"], ["mountain", "snow", "desert", "jungle"], "beach"),
-    "m2m_easy": (["desert", "mountain", "dirt", "jungle"], ["dirt", "jungle", "mountain", "desert"], None),
-    "m2m_medium": (["beach", "snow", "mountain", "desert"], ["desert", "mountain", "beach", "snow"], None),
-    "m2m_hard": (["dirt", "jungle", "snow", "beach"], ["snow", "beach", "dirt", "jungle"], None),
-}
 
 
 def expected_train(challenge: str, n: int) -> Counter:
