@@ -20,7 +20,7 @@ Upsampling to the input size is a separate step (:func:`upsample`), used by the 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,11 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ex2l_xai import cam_structured
 from ex2l_xai.errors import Ex2lError
 
 Target = int | Sequence[int] | Tensor
 HeadTarget = Target | Literal["pred", "all"]
 Backend = Literal["fused", "captum"]
+Method = Literal["auto", "autograd", "structured"]
 
 __all__ = [
     "HeadCams",
@@ -224,6 +226,88 @@ def _head_cam(
     return cam_from_activations(acts, logits, target, create_graph=create_graph, retain_graph=retain, relu=relu)
 
 
+def _structured_tails(
+    forward_fn: Callable[[Tensor], Any], layers: Sequence[nn.Module], method: Method
+) -> list[cam_structured.CamTail | None] | None:
+    """Each head's :class:`~ex2l_xai.cam_structured.CamTail` when ``forward_fn`` describes them, else ``None``."""
+    if method not in ("auto", "autograd", "structured"):
+        raise Ex2lError(f"method: expected 'auto', 'autograd' or 'structured', got {method!r}")
+    if method == "autograd":
+        return None
+    describe = getattr(forward_fn, "cam_tails", None)
+    own_layers = getattr(forward_fn, "cam_layers", None)
+    tails: list[cam_structured.CamTail | None] | None = None
+    if callable(describe) and callable(own_layers):
+        own = list(own_layers())
+        if len(own) >= len(layers) and all(a is b for a, b in zip(own, layers, strict=False)):
+            tails = list(describe())[: len(layers)]
+            if all(t is None for t in tails) or not all(
+                t is None or cam_structured.supports(t) for t in tails
+            ):
+                tails = None
+    if tails is None and method == "structured":
+        raise Ex2lError(
+            "method='structured' needs a model with cam_layers() and cam_tails() (e.g. TwoHeadNet with a ResNet "
+            "backbone), called with its own cam_layers(); use method='auto' to fall back to autograd"
+        )
+    return tails
+
+
+def _structured_cams(
+    tails: list[cam_structured.CamTail | None],
+    rec: Any,
+    store: list[Tensor | None],
+    logits: tuple[Tensor, ...],
+    targets: Sequence[HeadTarget | None],
+    relus: Sequence[bool],
+    create_graph: bool,
+) -> list[Tensor | None] | None:
+    """The CAMs of all heads via :func:`~ex2l_xai.cam_structured.tail_alphas`, heads that share a tail batched."""
+    queries: dict[
+        tuple[int, ...], list[tuple[int, Tensor]]
+    ] = {}  # (activations, tail) -> (head index, target)
+    for i, target in enumerate(targets):
+        if target is None:
+            continue
+        tail = tails[i]
+        if tail is None:
+            return None
+        n, n_classes = logits[i].shape
+        if isinstance(target, str):
+            if target == "pred":
+                ts = [logits[i].detach().argmax(1)]
+            elif target == "all":
+                ts = [
+                    torch.full((n,), k, dtype=torch.long, device=logits[i].device) for k in range(n_classes)
+                ]
+            else:
+                raise Ex2lError(f"target: expected class indices, 'pred' or 'all', got {target!r}")
+        else:
+            t = _as_target(target, n, logits[i].device)
+            if int(t.min()) < 0 or int(t.max()) >= n_classes:
+                raise Ex2lError(f"target: class indices must lie in [0, {n_classes}), got {t.tolist()}")
+            ts = [t]
+        key = (id(store[i]), *map(id, tail.modules))
+        queries.setdefault(key, []).extend((i, t) for t in ts)
+    maps: dict[int, list[Tensor]] = {}
+    for qs in queries.values():
+        i0 = qs[0][0]
+        tail, acts = tails[i0], store[i0]
+        assert tail is not None and acts is not None
+        heads = [(tails[i].head, t) for i, t in qs]  # type: ignore[union-attr]
+        alphas = cam_structured.tail_alphas(tail.modules, rec, acts, heads, create_graph=create_graph)
+        if alphas is None:
+            return None
+        src = acts if create_graph else acts.detach()
+        for (i, _), alpha in zip(qs, alphas, strict=True):
+            cam = (alpha[:, :, None, None] * src).sum(1)
+            maps.setdefault(i, []).append(F.relu(cam) if relus[i] else cam)
+    cams: list[Tensor | None] = [None] * len(targets)
+    for i, ms in maps.items():
+        cams[i] = torch.stack(ms, dim=1) if targets[i] == "all" else ms[0]
+    return cams
+
+
 def head_cams(
     forward_fn: Callable[[Tensor], Any],
     layers: Sequence[nn.Module],
@@ -233,6 +317,7 @@ def head_cams(
     create_graph: bool = True,
     retain_graph: bool | None = None,
     relu: bool | Sequence[bool] = True,
+    method: Method = "auto",
 ) -> HeadCams:
     """The CAM of several heads from ONE forward pass (the training-time path of eX2L).
 
@@ -243,12 +328,23 @@ def head_cams(
     CAM for that head). With ``create_graph=True`` (default) the CAMs are differentiable and the graph of the
     forward pass is kept for the caller's ``loss.backward()``; ``retain_graph=True`` keeps it also without
     ``create_graph`` (CAMs for the logs only, loss still to be backpropagated). ``relu`` may be given per head.
+
+    ``method``: ``"autograd"`` takes ``torch.autograd.grad`` per head (any network); ``"structured"`` writes the
+    backward pass from the CAM layer to the heads out explicitly (:mod:`ex2l_xai.cam_structured`: one batched pass
+    for all heads on a shared tail, only the spatial sums alpha needs) — the same CAMs and gradients, cheaper,
+    for a ``forward_fn`` that describes its tails (``TwoHeadNet`` with a ResNet backbone, called with its own
+    ``cam_layers()``); ``"auto"`` (default) uses it where it applies and autograd elsewhere.
     """
     relus = [relu] * len(layers) if isinstance(relu, bool) else list(relu)
     if len(targets) != len(layers):
         raise Ex2lError(f"targets: expected one per head ({len(layers)}), got {len(targets)}")
+    tails = _structured_tails(forward_fn, layers, method)
     with torch.enable_grad():
-        with capture_activations(layers) as store:
+        with ExitStack() as stack:
+            store = stack.enter_context(capture_activations(layers))
+            rec = None
+            if tails is not None:
+                rec = stack.enter_context(cam_structured.record_tails([t for t in tails if t is not None]))
             output = forward_fn(inputs)
         missing = [i for i, a in enumerate(store) if a is None]
         if missing:
@@ -260,13 +356,21 @@ def head_cams(
                 f"forward_fn must return a sequence with one logits tensor per head ({len(layers)}), "
                 f"got {type(output).__name__}"
             ) from exc
-        wanted = [i for i, t in enumerate(targets) if t is not None]
-        cams: list[Tensor | None] = [None] * len(layers)
-        for j, i in enumerate(wanted):
-            # Keep the graph while another head still needs it, or when the caller will backpropagate.
-            keep = create_graph if retain_graph is None else retain_graph
-            retain = keep or j < len(wanted) - 1
-            cams[i] = _head_cam(store[i], logits[i], targets[i], create_graph, retain, relus[i])
+        cams: list[Tensor | None] | None = None
+        if tails is not None:
+            cams = _structured_cams(tails, rec, store, logits, targets, relus, create_graph)
+            if cams is None and method == "structured":
+                raise Ex2lError(
+                    "method='structured': the recorded forward pass does not match the model's tails"
+                )
+        if cams is None:
+            wanted = [i for i, t in enumerate(targets) if t is not None]
+            cams = [None] * len(layers)
+            for j, i in enumerate(wanted):
+                # Keep the graph while another head still needs it, or when the caller will backpropagate.
+                keep = create_graph if retain_graph is None else retain_graph
+                retain = keep or j < len(wanted) - 1
+                cams[i] = _head_cam(store[i], logits[i], targets[i], create_graph, retain, relus[i])
     acts = tuple(a for a in store if a is not None)
     return HeadCams(output=output, logits=logits, activations=acts, cams=tuple(cams))
 

@@ -14,6 +14,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from ex2l_xai.cam_structured import CamTail
 from ex2l_xai.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,23 @@ class TwoHeadNet(nn.Module):
         label_layer = self.backbone.get_submodule(self.cam_layer_name)
         conf_body = self.conf_backbone if self.conf_backbone is not None else self.backbone
         return label_layer, conf_body.get_submodule(self.cam_layer_name)
+
+    def cam_tails(self) -> tuple[CamTail | None, CamTail | None]:
+        """What follows each head's CAM layer (the later stages, global average pooling, the head), for the
+        structured CAM path of :func:`ex2l_xai.cam.head_cams`; an entry is None without that head or for a CAM
+        layer inside a stage (e.g. ``layer4.1``)."""
+        stages = ("layer1", "layer2", "layer3", "layer4")
+        if self.cam_layer_name not in stages:
+            return None, None
+
+        def after(body: Backbone) -> tuple[nn.Module, ...]:
+            return tuple(getattr(body, n) for n in stages[stages.index(self.cam_layer_name) + 1 :])
+
+        label = CamTail(after(self.backbone), self.label_head)
+        if self.conf_head is None:
+            return label, None
+        conf_body = self.conf_backbone if self.conf_backbone is not None else self.backbone
+        return label, CamTail(after(conf_body), self.conf_head)
 
     def forward(self, x: Tensor) -> TwoHeadOutput:
         """Both heads from one pass (two backbones when ``dual``)."""
