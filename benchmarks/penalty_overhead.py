@@ -4,11 +4,14 @@ ResNet-18 (torchvision, random init), 64×64 inputs, batch 64, CPU, two threads.
 training step (forward, loss, backward, optimizer step) of:
 
   erm      two-head ERM: CE(label) + CE(confounder)
-  fused    the same + the Dice penalty on both heads' Grad-CAMs, from the one forward pass (ex2l_xai.cam.head_cams)
+  fused    the same + the Dice penalty on both heads' Grad-CAMs, from the one forward pass
+           (ex2l_xai.cam.head_cams, default method="auto": the structured backward of ex2l_xai.cam_structured)
+  autograd the fused path with method="autograd": torch.autograd.grad(create_graph=True) per head, then the
+           double backward (what "fused" measured before the structured path existed)
   captum   the same + the Dice penalty with CAMs from captum.attr.LayerGradCam(create_graph=True)
            (an extra forward pass per head, as the paper's implementation does)
 
-at the CAM layers ``layer4`` and ``layer3``. The six settings run interleaved (one step each, round robin) so
+at the CAM layers ``layer4`` and ``layer3``. The eight settings run interleaved (one step each, round robin) so
 drift hits all alike; the median of the timed steps after warm-up is reported. The last line printed is one
 JSON object with the ratios ``<path>_over_erm_<layer>``.
 
@@ -43,8 +46,9 @@ def make_step(path: str, layer: str, seed: int = 0):
 
     def step(x: torch.Tensor, y: torch.Tensor, c: torch.Tensor) -> float:
         opt.zero_grad(set_to_none=True)
-        if path == "fused":
-            res = head_cams(model, [lay_y, lay_c], x, [y, c], create_graph=True)
+        if path in ("fused", "autograd"):
+            method = "auto" if path == "fused" else "autograd"
+            res = head_cams(model, [lay_y, lay_c], x, [y, c], create_graph=True, method=method)
             out = res.output
             pen = similarity(res.cams[0], res.cams[1], "dice", "max").mean()
         else:
@@ -79,7 +83,7 @@ def main() -> None:
     x = torch.randn(args.batch, 3, args.size, args.size, generator=g)
     y = torch.randint(0, N_LABELS, (args.batch,), generator=g)
     c = torch.randint(0, N_CONF, (args.batch,), generator=g)
-    settings = [(p, layer) for layer in ("layer4", "layer3") for p in ("erm", "fused", "captum")]
+    settings = [(p, layer) for layer in ("layer4", "layer3") for p in ("erm", "fused", "autograd", "captum")]
     fns = {s: make_step(*s) for s in settings}
     times: dict[tuple[str, str], list[float]] = {s: [] for s in settings}
     for i in range(args.warmup + steps):
