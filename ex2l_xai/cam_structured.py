@@ -12,8 +12,10 @@ backward pass out explicitly with differentiable operations instead:
 * batch-norm statistics and ReLU masks are computed once per step and shared by every head;
 * the convolution that reads the CAM layer only returns the *spatial sum* of its input gradient (all that alpha
   needs), about ``h*w`` times fewer multiply-adds than the full map;
-* the double backward of a transposed convolution uses the forward-convolution kernels
-  (:class:`_ConvInputVJP`), which are faster on a CPU than the generic weight-gradient kernel.
+* the double backward of a transposed convolution uses the forward-convolution kernels (:class:`_ConvInputVJP`),
+  faster on a CPU than the generic weight-gradient kernel; on maps smaller than the kernel (on a CPU) the product
+  and its backward are one matrix product per kernel tap over the pixels that exist, skipping the zero padding
+  (:class:`_TapConvInputVJP`).
 
 The result is the same function as the generic path (gradients equal to float64 round-off; tests check both),
 computed from the activations recorded during the ONE forward pass. Every recorded tensor is checked for in-place
@@ -204,9 +206,80 @@ class _ConvInputVJP(torch.autograd.Function):
         return grad_g, grad_w, None, None
 
 
+def _tap_ranges(
+    k: int, n_out: int, n_in: int, s: int, p: int, d: int
+) -> list[tuple[int, int, int, int]]:
+    """Per kernel tap ``a``: the output range [q0, q1) that reads in-bounds input, and its first input index."""
+    out = []
+    for a in range(k):
+        qs = [q for q in range(n_out) if 0 <= q * s + a * d - p < n_in]
+        if qs:
+            out.append((a, qs[0], qs[-1] + 1, qs[0] * s + a * d - p))
+    return out
+
+
+class _TapConvInputVJP(torch.autograd.Function):
+    """:class:`_ConvInputVJP` as one matrix product per kernel tap over the in-bounds pixels only.
+
+    On maps smaller than the kernel (2×2 maps, 3×3 kernels) most of a convolution's multiply-adds hit the zero
+    padding; per tap, only the pixel pairs that exist are multiplied (16 of 36 for 2×2 and 3×3), for the product
+    and for both gradients of its backward. Channels-last internally, so every product is one GEMM.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, g: Tensor, w: Tensor, in_hw: tuple[int, int], conf: tuple) -> Tensor:
+        stride, padding, dilation = conf
+        n, _, ho, wo = g.shape
+        taps = [
+            (ry, rx)
+            for ry in _tap_ranges(w.shape[2], ho, in_hw[0], stride[0], padding[0], dilation[0])
+            for rx in _tap_ranges(w.shape[3], wo, in_hw[1], stride[1], padding[1], dilation[1])
+        ]
+        g_cl = g.permute(0, 2, 3, 1)
+        w_taps = w.permute(2, 3, 0, 1).contiguous()  # (kh, kw, C_out, C_in): one contiguous matrix per tap
+        out = g.new_zeros(n, in_hw[0], in_hw[1], w.shape[1])
+        sy, sx = stride
+        for (a, y0, y1, py), (b, x0, x1, px) in taps:
+            # a 2-D product (one GEMM); a 4-D matmul on the strided slice would become a batched one
+            part = g_cl[:, y0:y1, x0:x1, :].reshape(-1, g.shape[1]) @ w_taps[a, b]
+            out[:, py : py + (y1 - y0 - 1) * sy + 1 : sy, px : px + (x1 - x0 - 1) * sx + 1 : sx, :] += part.view(
+                n, y1 - y0, x1 - x0, -1
+            )
+        ctx.save_for_backward(g, w_taps)
+        ctx.taps, ctx.stride = taps, stride
+        return out.permute(0, 3, 1, 2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, u: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        g, w_taps = ctx.saved_tensors
+        sy, sx = ctx.stride
+        g_cl, u_cl = g.permute(0, 2, 3, 1), u.permute(0, 2, 3, 1)
+        grad_g = torch.zeros_like(g_cl) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(w_taps) if ctx.needs_input_grad[1] else None
+        for (a, y0, y1, py), (b, x0, x1, px) in ctx.taps:
+            u_sel = u_cl[:, py : py + (y1 - y0 - 1) * sy + 1 : sy, px : px + (x1 - x0 - 1) * sx + 1 : sx, :]
+            u_sel = u_sel.reshape(-1, u.shape[1])
+            if grad_g is not None:
+                part = u_sel @ w_taps[a, b].t()
+                grad_g[:, y0:y1, x0:x1, :] += part.view(g.shape[0], y1 - y0, x1 - x0, -1)
+            if grad_w is not None:
+                g_sel = g_cl[:, y0:y1, x0:x1, :].reshape(-1, g.shape[1])
+                torch.mm(g_sel.t(), u_sel, out=grad_w[a, b])
+        return (
+            grad_g.permute(0, 3, 1, 2) if grad_g is not None else None,
+            grad_w.permute(2, 3, 0, 1) if grad_w is not None else None,
+            None,
+            None,
+        )
+
+
 def _conv_vjp(conv: nn.Conv2d, g: Tensor, in_hw: Sequence[int]) -> Tensor:
     n, b = g.shape[:2]
-    gx = _ConvInputVJP.apply(
+    # tiny maps on a CPU: per-tap products skip the padding; elsewhere the convolution kernels do better
+    tiny = g.device.type == "cpu" and g.shape[3] * g.shape[4] < conv.weight.shape[2] * conv.weight.shape[3]
+    fn = _TapConvInputVJP if tiny else _ConvInputVJP
+    gx = fn.apply(
         g.reshape(n * b, *g.shape[2:]),
         conv.weight,
         (int(in_hw[0]), int(in_hw[1])),

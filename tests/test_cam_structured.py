@@ -7,6 +7,7 @@ from captum.attr import LayerGradCam
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from ex2l_xai import cam_structured
 from ex2l_xai.cam import head_cams
 from ex2l_xai.cam_structured import CamTail, supports
 from ex2l_xai.errors import Ex2lError
@@ -212,19 +213,44 @@ def test_in_place_change_of_a_recorded_tensor_is_never_used() -> None:
 
 
 def test_all_heads_of_a_shared_tail_in_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Both heads' and all classes' cotangents go through the tail together: one convolution call per layer."""
+    """Both heads' and all classes' cotangents go through the tail together: one product per convolution."""
     model = TwoHeadNet("resnet18", 3, 4, cam_layer="layer3").eval()
-    calls: list[int] = []
-    orig = F.conv_transpose2d
+    seen: list[tuple[int, int]] = []
+    orig = cam_structured._conv_vjp
 
-    def counting(*args, **kwargs):
-        calls.append(args[0].shape[0])
-        return orig(*args, **kwargs)
+    def counting(conv: nn.Conv2d, g: torch.Tensor, in_hw) -> torch.Tensor:
+        seen.append((g.shape[0], g.shape[1]))
+        return orig(conv, g, in_hw)
 
-    monkeypatch.setattr(F, "conv_transpose2d", counting)
-    head_cams(model, model.cam_layers(), torch.randn(2, 3, 32, 32), ["all", torch.tensor([1, 2])], create_graph=False)
+    monkeypatch.setattr(cam_structured, "_conv_vjp", counting)
+    head_cams(model, model.cam_layers(), torch.randn(2, 3, 64, 64), ["all", torch.tensor([1, 2])], create_graph=False)
     # layer4: block 2 (two convs) and block 1's second conv; block 1's first conv and downsample use spatial sums
-    assert calls == [2 * (3 + 1)] * 3
+    assert seen == [(3 + 1, 2)] * 3
+
+
+@pytest.mark.parametrize(
+    ("k", "stride", "padding", "dilation", "hw"),
+    [(3, 1, 1, 1, 2), (3, 1, 1, 1, 3), (3, 2, 1, 1, 4), (3, 1, 2, 2, 3), (1, 2, 0, 1, 3), (3, 1, 0, 1, 4)],
+)
+def test_conv_input_products_equal_autograd(k: int, stride: int, padding: int, dilation: int, hw: int) -> None:
+    """Both products of a convolution's input gradient (kernels and per-tap) and both gradients of each."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, k, stride=stride, padding=padding, dilation=dilation, bias=False).double()
+    x = torch.randn(4, 3, hw, hw, dtype=torch.float64)
+    out_hw = conv(x).shape[2:]
+    g = torch.randn(4, 5, *out_hw, dtype=torch.float64, requires_grad=True)
+    u = torch.randn_like(x)
+    # reference: autograd's input gradient of conv2d, differentiated again
+    xr = x.clone().requires_grad_()
+    (ref,) = torch.autograd.grad(conv(xr), xr, g, create_graph=True)
+    ref_g, ref_w = torch.autograd.grad((ref * u).sum(), [g, conv.weight])
+    conf = (conv.stride, conv.padding, conv.dilation)
+    for fn in (cam_structured._ConvInputVJP, cam_structured._TapConvInputVJP):
+        out = fn.apply(g, conv.weight, (hw, hw), conf)
+        torch.testing.assert_close(out, ref)
+        got_g, got_w = torch.autograd.grad((out * u).sum(), [g, conv.weight])
+        torch.testing.assert_close(got_g, ref_g)
+        torch.testing.assert_close(got_w, ref_w)
 
 
 def test_method_validation() -> None:
