@@ -234,6 +234,11 @@ def _structured_tails(
         raise Ex2lError(f"method: expected 'auto', 'autograd' or 'structured', got {method!r}")
     if method == "autograd":
         return None
+    if any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda")):
+        # mixed precision changes dtypes between the recorded tensors and the weights: leave it to autograd
+        if method == "structured":
+            raise Ex2lError("method='structured' does not run under torch.autocast; use 'auto' or 'autograd'")
+        return None
     describe = getattr(forward_fn, "cam_tails", None)
     own_layers = getattr(forward_fn, "cam_layers", None)
     tails: list[cam_structured.CamTail | None] | None = None

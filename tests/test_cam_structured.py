@@ -253,6 +253,17 @@ def test_conv_input_products_equal_autograd(k: int, stride: int, padding: int, d
         torch.testing.assert_close(got_w, ref_w)
 
 
+def test_autocast_takes_the_autograd_path() -> None:
+    model = TwoHeadNet("resnet18", 3, 4, cam_layer="layer3").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(Ex2lError, match="autocast"):
+            head_cams(model, model.cam_layers(), x, [0, 1], method="structured")
+        auto = head_cams(model, model.cam_layers(), x, [0, 1], create_graph=False)
+        ref = head_cams(model, model.cam_layers(), x, [0, 1], create_graph=False, method="autograd")
+    torch.testing.assert_close(auto.cams[0], ref.cams[0])
+
+
 def test_method_validation() -> None:
     model = TwoHeadNet("resnet18", 3, 4)
     with pytest.raises(Ex2lError, match="method"):
