@@ -11,7 +11,9 @@ Two backends share one interface:
   pass per call);
 * ``fused`` captures the layer's output with a forward hook during the forward pass the caller needs anyway and
   takes ``torch.autograd.grad`` of the target logits with respect to it. During training this makes the CAM of
-  every head nearly free: :func:`head_cams` computes the CAMs of several heads from ONE forward pass.
+  every head nearly free: :func:`head_cams` computes the CAMs of several heads from ONE forward pass. For a model
+  that describes what follows its CAM layer (``TwoHeadNet``), :func:`head_cams` writes that backward pass out
+  instead (:mod:`ex2l_xai.cam_structured`): the same CAMs and gradients, cheaper below the last block.
 
 Neither backend changes the model's train/eval mode, and every hook is removed on exit, also on an exception.
 Upsampling to the input size is a separate step (:func:`upsample`), used by the analysis layer.
@@ -309,7 +311,8 @@ def _structured_cams(
             maps.setdefault(i, []).append(F.relu(cam) if relus[i] else cam)
     cams: list[Tensor | None] = [None] * len(targets)
     for i, ms in maps.items():
-        cams[i] = torch.stack(ms, dim=1) if targets[i] == "all" else ms[0]
+        every_class = isinstance(targets[i], str) and targets[i] == "all"
+        cams[i] = torch.stack(ms, dim=1) if every_class else ms[0]
     return cams
 
 
