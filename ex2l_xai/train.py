@@ -25,6 +25,7 @@ import random
 import sys
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from ex2l_xai.algorithms import Algorithm, TrainInfo, build_algorithm
 from ex2l_xai.config import Config, config_from_dict, config_to_dict, dump_config
 from ex2l_xai.data import get_dataset
 from ex2l_xai.errors import ConfigError, Ex2lError, TrainingError
+from ex2l_xai.fileio import append_line, atomic_save, atomic_write, atomic_write_json
 from ex2l_xai.metrics import group_metrics
 from ex2l_xai.models import TwoHeadNet
 
@@ -236,32 +238,7 @@ class _Predictor(nn.Module):
         return self.algorithm.predict(x)
 
 
-# ---- atomic files --------------------------------------------------------------------------------------------
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _append_line(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record, allow_nan=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
+# ---- run-folder files (written through ex2l_xai.fileio) -------------------------------------------------
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -383,7 +360,7 @@ def train(config: Config, out_dir: str | os.PathLike[str], *, quiet: bool = Fals
             raise TrainingError(f"{out}: marked done but results.json is unreadable ({exc})") from exc
         log.log(level, "%s: already done, skipped (%s)", out, name)
         return results
-    _atomic_write_text(cfg_file, dump_config(config))
+    atomic_write(cfg_file, dump_config(config))
 
     device = resolve_device(config.train.device)
     if device.type == "cuda":
@@ -420,7 +397,7 @@ def train(config: Config, out_dir: str | os.PathLike[str], *, quiet: bool = Fals
         _set_rng_state(ckpt["rng"])
         first_epoch, step, elapsed, best = ckpt["epoch"], ckpt["step"], ckpt["elapsed"], ckpt["best"]
         kept = [r for r in _read_metrics(metrics_file) if r.get("epoch", 0) <= first_epoch]
-        _atomic_write_text(metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write(metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
         log.log(level, "%s: resuming %s after epoch %d", out, name, first_epoch)
     else:
         metrics_file.unlink(missing_ok=True)
@@ -481,24 +458,23 @@ def train(config: Config, out_dir: str | os.PathLike[str], *, quiet: bool = Fals
             score = _selection_score(config, record)
             if best is None or score > best["score"]:
                 best = {"epoch": done_epoch, "score": score, "record": record}
-                _atomic_save(_best_payload(config, algorithm.model, train_set, best), best_file)
+                payload = _best_payload(config, algorithm.model, train_set, best)
+                atomic_save(best_file, partial(torch.save, payload))
             record["seconds"] = time.time() - t0
-            _append_line(metrics_file, record)
+            append_line(metrics_file, record)
             log.log(level, "%s", _summary(name, done_epoch, epochs, record))
         elapsed += time.time() - t0
-        _atomic_save(
-            {
-                "epoch": done_epoch,
-                "step": step,
-                "elapsed": elapsed,
-                "algorithm": algorithm.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(),
-                "best": best,
-            },
-            ckpt_file,
-        )
+        checkpoint = {
+            "epoch": done_epoch,
+            "step": step,
+            "elapsed": elapsed,
+            "algorithm": algorithm.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": _rng_state(),
+            "best": best,
+        }
+        atomic_save(ckpt_file, partial(torch.save, checkpoint))
 
     assert best is not None  # the last epoch is always evaluated
     rec = best["record"]
@@ -518,7 +494,7 @@ def train(config: Config, out_dir: str | os.PathLike[str], *, quiet: bool = Fals
     if "zero_cam_share" in results["stats"]:
         results["zero_cam_share"] = results["stats"]["zero_cam_share"]
     results["wall_seconds"] = elapsed  # training + evaluation time, summed over resumes
-    _atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_json(out / "results.json", results)
     (out / "done").touch()
     log.log(level, "%s: done in %.1f s (selected epoch %d)", out, elapsed, best["epoch"])
     return results
