@@ -16,15 +16,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/ex2l demo --out runs/demo
 
-# The audit report's test opens it in a real headless browser (Debian's chromium); without one that single
-# test is skipped with its reason.
+# The audit report's test and the docs site's test open pages in a real headless browser (Debian's chromium);
+# without one those two tests are skipped with their reason.
 browser:
 	@command -v chromium >/dev/null || command -v google-chrome >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
-	  echo "no chromium: the report's browser test will be skipped"
+	  echo "no chromium: the report's and the docs' browser tests will be skipped"
 
 lint: $(STAMP)
-	$(VPY) -m ruff check ex2l_xai analysis tests benchmarks figures examples
+	$(VPY) -m ruff check ex2l_xai analysis tests benchmarks figures examples docs/_hooks
 
 test: $(STAMP) browser lint docs
 	$(VPY) -m pytest -q
