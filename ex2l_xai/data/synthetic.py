@@ -161,16 +161,7 @@ def render(
         Image float32 3xSxS in [0, 1] (multiples of 1/255) and mask bool SxS (object and its outline).
     """
     p = rng.random(16)
-    bank = texture_bank(size)
-    tile = bank.shape[-1]
-    max_off = tile - size
-    k = int(p[0] * N_VARIANTS)
-    oy, ox = int(p[1] * (max_off + 1)), int(p[2] * (max_off + 1))
-    bg = bank[background, k, :, oy : oy + size, ox : ox + size]
-    if p[3] < 0.5:
-        bg = bg[:, :, ::-1]
-    gain = (1.0 + 0.16 * (p[4:7] - 0.5) + 0.10 * (p[7] - 0.5)).astype(np.float32)[:, None, None]
-    img = bg * gain
+    img = _background(background, p, size)
 
     scale = object_scale * size * (SCALE_RANGE[0] + (SCALE_RANGE[1] - SCALE_RANGE[0]) * p[8])  # px per shape unit
     theta = 2 * math.pi * p[9]
@@ -213,16 +204,48 @@ def render(
     box = img[:, y0:y1, x0:x1]
     np.copyto(box, np.float32(0.06), where=outer)  # outline
     np.copyto(box, colour * (0.86 + 0.08 * u), where=inner)  # object, lit from one side
-    # Quantise to 8 bits: identical tensors across machines despite last-bit float differences.
-    # (adding and subtracting 1.5 * 2**23 rounds a float32 in [0, 255] to the nearest integer)
+    mask = np.zeros((size, size), dtype=bool)
+    mask[y0:y1, x0:x1] = outer
+    return _quantise(img), mask
+
+
+def _background(background: int, p: np.ndarray, size: int) -> np.ndarray:
+    """The background of an image (3xSxS float32, before quantisation) from its parameters ``p[0:8]``."""
+    bank = texture_bank(size)
+    tile = bank.shape[-1]
+    max_off = tile - size
+    k = int(p[0] * N_VARIANTS)
+    oy, ox = int(p[1] * (max_off + 1)), int(p[2] * (max_off + 1))
+    bg = bank[background, k, :, oy : oy + size, ox : ox + size]
+    if p[3] < 0.5:
+        bg = bg[:, :, ::-1]
+    gain = (1.0 + 0.16 * (p[4:7] - 0.5) + 0.10 * (p[7] - 0.5)).astype(np.float32)[:, None, None]
+    return bg * gain
+
+
+def _quantise(img: np.ndarray) -> np.ndarray:
+    """Clip at 1 and round to multiples of 1/255, in place: identical tensors across machines despite last-bit
+    float differences (adding and subtracting 1.5 * 2**23 rounds a float32 in [0, 255] to the nearest integer)."""
     np.minimum(img, 1.0, out=img)
     img *= 255
     img += _ROUNDER
     img -= _ROUNDER
     img *= np.float32(1 / 255)
-    mask = np.zeros((size, size), dtype=bool)
-    mask[y0:y1, x0:x1] = outer
-    return img, mask
+    return img
+
+
+def render_background(background: int, rng: np.random.Generator, size: int = 64) -> np.ndarray:
+    """The background alone that :func:`render` draws with the same ``rng`` state, without the object.
+
+    :func:`render` draws its background from ``p[0:8]`` and its object from ``p[8:15]`` of one ``rng.random(16)``,
+    so ``render(label, b, rng_copy)`` equals this image outside the object mask, pixel for pixel.
+
+    Returns
+    -------
+    numpy.ndarray
+        Image float32 3xSxS in [0, 1] (multiples of 1/255).
+    """
+    return _quantise(_background(background, rng.random(16), size))
 
 
 class SyntheticDataset(GroupDataset):
@@ -335,6 +358,23 @@ class SyntheticDataset(GroupDataset):
             self.image_size,
             self.object_scale,
         )
+
+    def render_on_background(
+        self, index: int, background: int, *, draw_object: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Sample ``index``'s own object (same shape, pose, size, colour: pixel for pixel inside its mask) drawn on
+        another ``background`` id; ``draw_object=False`` draws that background alone (all-False mask).
+
+        With the sample's own background this is :meth:`render_numpy`. The background's texture crop, flip and
+        gain are the sample's own too (they come from the same random draws).
+        """
+        if not 0 <= int(background) < len(BACKGROUNDS):
+            raise DataError(f"background={background!r}; expected an id in [0, {len(BACKGROUNDS)})")
+        rng = self.generator(index)
+        if not draw_object:
+            img = render_background(int(background), rng, self.image_size)
+            return img, np.zeros((self.image_size, self.image_size), dtype=bool)
+        return render(int(self._labels[index]), int(background), rng, self.image_size, self.object_scale)
 
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Draw sample ``index``: image float 3xSxS in [0, 1] and mask float 1xSxS."""
