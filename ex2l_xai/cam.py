@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ex2l_xai import cam_structured
+from ex2l_xai import cam_heads, cam_structured
 from ex2l_xai.errors import Ex2lError
 
 Target = int | Sequence[int] | Tensor
@@ -252,51 +252,84 @@ def _structured_tails(
                 t is None or cam_structured.supports(t) for t in tails
             ):
                 tails = None
-    if tails is None and method == "structured":
-        raise Ex2lError(
-            "method='structured' needs a model with cam_layers() and cam_tails() (e.g. TwoHeadNet with a ResNet "
-            "backbone), called with its own cam_layers(); use method='auto' to fall back to autograd"
-        )
     return tails
+
+
+def _head_targets(logits: Tensor, target: HeadTarget) -> list[Tensor]:
+    """One LongTensor (B,) per CAM asked of a head: its targets, its predictions, or each class for ``"all"``."""
+    n, n_classes = logits.shape
+    if isinstance(target, str):
+        if target == "pred":
+            return [logits.detach().argmax(1)]
+        if target == "all":
+            return [torch.full((n,), k, dtype=torch.long, device=logits.device) for k in range(n_classes)]
+        raise Ex2lError(f"target: expected class indices, 'pred' or 'all', got {target!r}")
+    t = _as_target(target, n, logits.device)
+    if int(t.min()) < 0 or int(t.max()) >= n_classes:
+        raise Ex2lError(f"target: class indices must lie in [0, {n_classes}), got {t.tolist()}")
+    return [t]
+
+
+def _weighted_maps(
+    alphas: Sequence[Tensor], acts: Tensor, target: HeadTarget, relu: bool, create_graph: bool
+) -> Tensor:
+    """``sum_k alpha_k A_k`` (ReLU'd if asked) for each query; stacked on dim 1 for ``"all"``."""
+    src = acts if create_graph else acts.detach()
+    maps = []
+    for alpha in alphas:
+        cam = (alpha[:, :, None, None] * src).sum(1)
+        maps.append(F.relu(cam) if relu else cam)
+    every_class = isinstance(target, str) and target == "all"
+    return torch.stack(maps, dim=1) if every_class else maps[0]
+
+
+def _closed_form_cam(
+    probe: cam_heads.HeadProbe, acts: Tensor, logits: Tensor, target: HeadTarget, relu: bool, create_graph: bool
+) -> Tensor | None:
+    """The CAM from ``W[target] / (h w)`` when the recorded pass proves ``logits = Linear(GAP(acts))``, else None."""
+    if acts.dim() != 4:
+        return None
+    head = probe.linear_after_pool(logits, acts)
+    if head is None:
+        return None
+    hw = acts.shape[2] * acts.shape[3]
+    alphas = [cam_heads.closed_form_alphas(head, t, hw, create_graph) for t in _head_targets(logits, target)]
+    return _weighted_maps(alphas, acts, target, relu, create_graph)
 
 
 def _structured_cams(
     tails: list[cam_structured.CamTail | None],
     rec: Any,
+    probe: cam_heads.HeadProbe | None,
     store: list[Tensor | None],
     logits: tuple[Tensor, ...],
     targets: Sequence[HeadTarget | None],
     relus: Sequence[bool],
     create_graph: bool,
 ) -> list[Tensor | None] | None:
-    """The CAMs of all heads via :func:`~ex2l_xai.cam_structured.tail_alphas`, heads that share a tail batched."""
+    """The CAMs of all heads via :func:`~ex2l_xai.cam_structured.tail_alphas`, heads that share a tail batched.
+
+    Each head's tail, as the model describes it, must match the recorded pass: the tail's last map feeds global
+    pooling and then the described head, whose output is that head's logits (:mod:`ex2l_xai.cam_heads`); else
+    None (the caller uses autograd)."""
+    if probe is None:
+        return None
     queries: dict[
         tuple[int, ...], list[tuple[int, Tensor]]
     ] = {}  # (activations, tail) -> (head index, target)
     for i, target in enumerate(targets):
         if target is None:
             continue
-        tail = tails[i]
-        if tail is None:
+        tail, acts = tails[i], store[i]
+        if tail is None or acts is None:
             return None
-        n, n_classes = logits[i].shape
-        if isinstance(target, str):
-            if target == "pred":
-                ts = [logits[i].detach().argmax(1)]
-            elif target == "all":
-                ts = [
-                    torch.full((n,), k, dtype=torch.long, device=logits[i].device) for k in range(n_classes)
-                ]
-            else:
-                raise Ex2lError(f"target: expected class indices, 'pred' or 'all', got {target!r}")
-        else:
-            t = _as_target(target, n, logits[i].device)
-            if int(t.min()) < 0 or int(t.max()) >= n_classes:
-                raise Ex2lError(f"target: class indices must lie in [0, {n_classes}), got {t.tolist()}")
-            ts = [t]
+        last = cam_structured.tail_output(tail.modules, rec, acts)
+        if last is None or probe.linear_after_pool(logits[i], last) is not tail.head:
+            return None
+        ts = _head_targets(logits[i], target)
         key = (id(store[i]), *map(id, tail.modules))
         queries.setdefault(key, []).extend((i, t) for t in ts)
-    maps: dict[int, list[Tensor]] = {}
+    per_head: dict[int, list[Tensor]] = {}
     for qs in queries.values():
         i0 = qs[0][0]
         tail, acts = tails[i0], store[i0]
@@ -305,14 +338,13 @@ def _structured_cams(
         alphas = cam_structured.tail_alphas(tail.modules, rec, acts, heads, create_graph=create_graph)
         if alphas is None:
             return None
-        src = acts if create_graph else acts.detach()
         for (i, _), alpha in zip(qs, alphas, strict=True):
-            cam = (alpha[:, :, None, None] * src).sum(1)
-            maps.setdefault(i, []).append(F.relu(cam) if relus[i] else cam)
+            per_head.setdefault(i, []).append(alpha)
     cams: list[Tensor | None] = [None] * len(targets)
-    for i, ms in maps.items():
-        every_class = isinstance(targets[i], str) and targets[i] == "all"
-        cams[i] = torch.stack(ms, dim=1) if every_class else ms[0]
+    for i, alphas in per_head.items():
+        acts = store[i]
+        assert acts is not None
+        cams[i] = _weighted_maps(alphas, acts, targets[i], relus[i], create_graph)  # type: ignore[arg-type]
     return cams
 
 
@@ -347,9 +379,11 @@ def head_cams(
     if len(targets) != len(layers):
         raise Ex2lError(f"targets: expected one per head ({len(layers)}), got {len(targets)}")
     tails = _structured_tails(forward_fn, layers, method)
+    explicit = method != "autograd" and not any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
     with torch.enable_grad():
         with ExitStack() as stack:
             store = stack.enter_context(capture_activations(layers))
+            probe = stack.enter_context(cam_heads.probe_heads(forward_fn)) if explicit else None
             rec = None
             if tails is not None:
                 rec = stack.enter_context(cam_structured.record_tails([t for t in tails if t is not None]))
@@ -364,21 +398,32 @@ def head_cams(
                 f"forward_fn must return a sequence with one logits tensor per head ({len(layers)}), "
                 f"got {type(output).__name__}"
             ) from exc
-        cams: list[Tensor | None] | None = None
-        if tails is not None:
-            cams = _structured_cams(tails, rec, store, logits, targets, relus, create_graph)
-            if cams is None and method == "structured":
-                raise Ex2lError(
-                    "method='structured': the recorded forward pass does not match the model's tails"
-                )
-        if cams is None:
-            wanted = [i for i, t in enumerate(targets) if t is not None]
-            cams = [None] * len(layers)
-            for j, i in enumerate(wanted):
-                # Keep the graph while another head still needs it, or when the caller will backpropagate.
-                keep = create_graph if retain_graph is None else retain_graph
-                retain = keep or j < len(wanted) - 1
-                cams[i] = _head_cam(store[i], logits[i], targets[i], create_graph, retain, relus[i])
+        cams: list[Tensor | None] = [None] * len(layers)
+        todo = [i for i, t in enumerate(targets) if t is not None]
+        if probe is not None:  # 1. closed form where the pass proves pooling + linear after the CAM layer
+            for i in list(todo):
+                cam = _closed_form_cam(probe, store[i], logits[i], targets[i], relus[i], create_graph)  # type: ignore[arg-type]
+                if cam is not None:
+                    cams[i] = cam
+                    todo.remove(i)
+        if todo and tails is not None:  # 2. a described tail, checked against the pass
+            sub = [targets[i] if i in todo else None for i in range(len(layers))]
+            got = _structured_cams(tails, rec, probe, store, logits, sub, relus, create_graph)
+            if got is not None:
+                for i in todo:
+                    cams[i] = got[i]
+                todo = []
+        if todo and method == "structured":
+            raise Ex2lError(
+                f"method='structured': heads {todo} have neither a CAM layer that feeds global pooling and a "
+                "linear head nor a described tail (cam_tails()) that matches the recorded forward pass; use "
+                "method='auto' to fall back to autograd"
+            )
+        for j, i in enumerate(todo):  # 3. autograd
+            # Keep the graph while another head still needs it, or when the caller will backpropagate.
+            keep = create_graph if retain_graph is None else retain_graph
+            retain = keep or j < len(todo) - 1
+            cams[i] = _head_cam(store[i], logits[i], targets[i], create_graph, retain, relus[i])  # type: ignore[arg-type]
     acts = tuple(a for a in store if a is not None)
     return HeadCams(output=output, logits=logits, activations=acts, cams=tuple(cams))
 

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-__all__ = ["CamTail", "record_tails", "supports", "tail_alphas"]
+__all__ = ["CamTail", "record_tails", "supports", "tail_alphas", "tail_output"]
 
 
 @dataclass(frozen=True)
@@ -375,6 +375,28 @@ def _unit_vjp(unit: nn.Module, g: Tensor, rec: _Record, cache: dict, summed: boo
     return h + total(g)
 
 
+def _chain_output(units: Sequence[nn.Module], rec: _Record, activations: Tensor) -> Tensor:
+    """The last unit's recorded output, after checking that each unit read the one before (the first: the CAM
+    layer's output)."""
+    if not units:
+        return activations
+    if rec.input(units[0], values=False) is not activations:
+        raise _Unsupported("the tail does not read the CAM layer's output")
+    for a, b in zip(units, units[1:], strict=False):
+        if rec.input(b, values=False) is not rec.output(a, values=False):
+            raise _Unsupported(f"a {type(b).__name__} does not read the {type(a).__name__} before it")
+    return rec.output(units[-1], values=False)
+
+
+def tail_output(modules: Sequence[nn.Module], rec: _Record, activations: Tensor) -> Tensor | None:
+    """The feature map at the end of the tail ``modules`` in the recorded pass (``activations`` for an empty
+    tail), or None when the recorded units do not form that chain. The caller checks that it feeds the head."""
+    try:
+        return _chain_output(_units(modules), rec, activations)
+    except _Unsupported:
+        return None
+
+
 def tail_alphas(
     modules: Sequence[nn.Module],
     rec: _Record,
@@ -391,15 +413,7 @@ def tail_alphas(
     """
     units = _units(modules)
     try:
-        if units:
-            if rec.input(units[0], values=False) is not activations:
-                raise _Unsupported("the tail does not read the CAM layer's output")
-            for a, b in zip(units, units[1:], strict=False):
-                if rec.input(b, values=False) is not rec.output(a, values=False):
-                    raise _Unsupported(f"a {type(b).__name__} does not read the {type(a).__name__} before it")
-            last = rec.output(units[-1], values=False)
-        else:
-            last = activations
+        last = _chain_output(units, rec, activations)
         if last.dim() != 4 or any(last.shape[1] != head.in_features for head, _ in queries):
             raise _Unsupported("the last feature map does not feed the heads")
         with torch.set_grad_enabled(create_graph):

@@ -72,13 +72,21 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The two-head network (:class:`ex2l_xai.models.TwoHeadNet`)."""
+    """The two-head network (:class:`ex2l_xai.models.TwoHeadNet`).
+
+    ``freeze`` keeps the stem and the stages up to the named one (``stem``, ``layer1`` ... ``layer3``) fixed;
+    ``cache_frozen`` remembers their output per image (for in-memory datasets without random augmentation);
+    ``init_from`` starts from a finished run's selected model (a run folder or its ``best.pt``).
+    """
 
     backbone: str = "small_cnn"
     architecture: str = "shared"
     cam_layer: str = "layer4"
     pretrained: str = "none"
     width: int = 32
+    freeze: str = "none"
+    cache_frozen: bool = False
+    init_from: str | None = None
 
 
 @dataclass
@@ -346,8 +354,10 @@ def _at_least(key: str, value: float, minimum: float, strict: bool = False) -> N
 
 
 def _validate(c: Config) -> None:
+    from ex2l_xai.backbones import BACKBONES, STAGES
     from ex2l_xai.data import DATASETS, dataset_options
-    from ex2l_xai.models import BACKBONES
+
+    FREEZE_POINTS = ("none", *STAGES[:-1])
 
     if c.data.name not in DATASETS:
         raise ConfigError(f"data.name: expected one of {sorted(DATASETS)}, got {c.data.name!r}")
@@ -363,6 +373,12 @@ def _validate(c: Config) -> None:
     _at_least("data.num_workers", c.data.num_workers, 0)
     _choice("model.backbone", c.model.backbone, BACKBONES)
     _choice("model.architecture", c.model.architecture, ARCHITECTURES)
+    _choice("model.freeze", c.model.freeze, FREEZE_POINTS)
+    if c.data.options.get("normalize") is True:
+        raise ConfigError(
+            "data.options.normalize: true would normalise twice: the model normalises its own input with the "
+            "statistics its backbone's weights expect; remove the key"
+        )
     _at_least("model.width", c.model.width, 1)
     _choice("optim.name", c.optim.name, OPTIMIZERS)
     _at_least("optim.lr", c.optim.lr, 0.0, strict=True)

@@ -1,4 +1,4 @@
-"""Backbones and the two-head network (label head + confounder head).
+"""The two-head network (label head + confounder head) over the backbones of :mod:`ex2l_xai.backbones`.
 
 ``TwoHeadNet(...)(x)`` returns a :class:`TwoHeadOutput` whose first two entries are the label and confounder
 logits, so it plugs straight into :func:`ex2l_xai.cam.head_cams` with ``model.cam_layers()``.
@@ -6,23 +6,24 @@ logits, so it plugs straight into :func:`ex2l_xai.cam.head_cams` with ``model.ca
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
-import torchvision
 from torch import Tensor, nn
 
+from ex2l_xai.backbones import BACKBONES, STAGES, Backbone, build_backbone
 from ex2l_xai.cam_structured import CamTail
 from ex2l_xai.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-BACKBONES = ("small_cnn", "resnet18", "resnet50")
 Architecture = Literal["shared", "dual"]
 
-__all__ = ["BACKBONES", "Backbone", "TwoHeadNet", "TwoHeadOutput", "build_backbone"]
+__all__ = ["BACKBONES", "Backbone", "FrozenPrefixCache", "TwoHeadNet", "TwoHeadOutput", "build_backbone"]
 
 
 class TwoHeadOutput(NamedTuple):
@@ -33,98 +34,47 @@ class TwoHeadOutput(NamedTuple):
     latent: Tensor
 
 
-def _block(c_in: int, c_out: int, pool: bool) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
-    if pool:
-        layers.append(nn.MaxPool2d(2))
-    return nn.Sequential(*layers)
+class FrozenPrefixCache:
+    """Outputs of a frozen prefix, addressed by the content of each input image (a 128-bit BLAKE2b digest of its
+    bytes, shape and dtype), so it can never return another image's features. Each missing image is computed alone
+    (batch of one), so a cached value does not depend on which batch first asked for it: a run is the same
+    function of its data whether or not it was resumed. Stops growing past ``limit_bytes`` (then computes)."""
 
+    def __init__(self, limit_bytes: int = 4 << 30) -> None:
+        self.store: dict[bytes, Tensor] = {}
+        self.limit_bytes = limit_bytes
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
 
-class Backbone(nn.Module):
-    """A convolutional feature extractor with named stages ``layer1`` ... ``layer4``.
+    @staticmethod
+    def key(x: Tensor) -> bytes:
+        """Digest of one image (C, H, W)."""
+        data = x.detach().contiguous().cpu().numpy().tobytes()
+        tag = f"{tuple(x.shape)}{x.dtype}".encode()
+        return hashlib.blake2b(data + tag, digest_size=16).digest()
 
-    ``forward`` returns the feature maps of ``layer4`` (B, out_dim, h, w); ``out_dim`` is their channel count.
-    """
+    def __call__(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        keys = [self.key(xi) for xi in x]
+        out: list[Tensor] = []
+        for i, k in enumerate(keys):
+            hit = self.store.get(k)
+            if hit is None:
+                self.misses += 1
+                with torch.no_grad():
+                    hit = fn(x[i : i + 1])[0]
+                if self.nbytes + hit.numel() * hit.element_size() <= self.limit_bytes:
+                    self.store[k] = hit
+                    self.nbytes += hit.numel() * hit.element_size()
+            else:
+                self.hits += 1
+            out.append(hit.to(x.device))
+        return torch.stack(out)
 
-    def __init__(self, stem: nn.Module, layers: list[nn.Module], out_dim: int) -> None:
-        super().__init__()
-        self.stem = stem
-        self.layer1, self.layer2, self.layer3, self.layer4 = layers
-        self.out_dim = out_dim
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.stem(x)
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
-
-
-def _small_cnn(width: int = 32) -> Backbone:
-    """Four conv-BN-ReLU stages (width, 2w, 4w, 4w), max-pooled after the first three: a 64 px image gives
-    8×8 maps at ``layer4`` (a 32 px one 4×4). Fast on a CPU."""
-    w = width
-    layers = [_block(3, w, True), _block(w, 2 * w, True), _block(2 * w, 4 * w, True), _block(4 * w, 4 * w, False)]
-    return Backbone(nn.Identity(), layers, 4 * w)
-
-
-def _load_imagenet(name: str) -> dict[str, Tensor]:
-    weights = {"resnet18": "ResNet18_Weights", "resnet50": "ResNet50_Weights"}[name]
-    enum = getattr(torchvision.models, weights).DEFAULT
-    try:
-        return enum.get_state_dict(progress=False)
-    except Exception as exc:  # no network and no cache: say what to do
-        raise ConfigError(
-            f"model.pretrained=imagenet: could not load torchvision's {weights}.DEFAULT for {name} ({exc}); "
-            f"put the file in torch's cache ({torch.hub.get_dir()}/checkpoints) or give a state-dict path"
-        ) from exc
-
-
-def build_backbone(name: str, pretrained: str = "none", width: int = 32) -> Backbone:
-    """Build ``small_cnn``, ``resnet18`` or ``resnet50``.
-
-    ``pretrained``: ``none`` (random init), ``imagenet`` (torchvision's default weights, from torch's cache or
-    downloaded; a clear error otherwise) or a path to a local state dict (of a torchvision ResNet or of the
-    backbone itself).
-    """
-    if name == "small_cnn":
-        if pretrained not in ("none", "", None) and not Path(str(pretrained)).is_file():
-            raise ConfigError(f"model.pretrained={pretrained!r}: small_cnn has no ImageNet weights; use none or a path")
-        backbone = _small_cnn(width)
-    elif name in ("resnet18", "resnet50"):
-        net = getattr(torchvision.models, name)(weights=None)
-        if pretrained == "imagenet":
-            net.load_state_dict(_load_imagenet(name))
-        stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-        backbone = Backbone(stem, [net.layer1, net.layer2, net.layer3, net.layer4], net.fc.in_features)
-    else:
-        raise ConfigError(f"model.backbone: expected one of {BACKBONES}, got {name!r}")
-    if pretrained not in ("none", "imagenet", "", None):
-        _load_local(backbone, Path(str(pretrained)))
-    return backbone
-
-
-def _load_local(backbone: Backbone, path: Path) -> None:
-    if not path.is_file():
-        raise ConfigError(f"model.pretrained: {path} is not a file (expected none, imagenet or a state-dict path)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ConfigError(f"model.pretrained: cannot read state dict {path}: {exc}") from exc
-    if not isinstance(state, dict):
-        raise ConfigError(f"model.pretrained: {path} holds a {type(state).__name__}, expected a state dict")
-    # a torchvision ResNet's keys (conv1.*, bn1.*) map onto the stem (stem.0.*, stem.1.*)
-    renamed = {}
-    for k, v in state.items():
-        k = k.removeprefix("module.")
-        if k.startswith("conv1."):
-            k = "stem.0." + k[len("conv1.") :]
-        elif k.startswith("bn1."):
-            k = "stem.1." + k[len("bn1.") :]
-        if not k.startswith("fc."):
-            renamed[k] = v
-    missing, unexpected = backbone.load_state_dict(renamed, strict=False)
-    if missing:
-        raise ConfigError(f"model.pretrained: {path} lacks {len(missing)} backbone keys, e.g. {missing[:3]}")
-    if unexpected:
-        log.warning("model.pretrained: ignored %d keys of %s, e.g. %s", len(unexpected), path, unexpected[:3])
+    def clear(self) -> None:
+        """Forget every stored output."""
+        self.store.clear()
+        self.nbytes = 0
 
 
 class TwoHeadNet(nn.Module):
@@ -132,12 +82,22 @@ class TwoHeadNet(nn.Module):
 
     Parameters
     ----------
-    backbone : ``small_cnn``, ``resnet18`` or ``resnet50``.
+    backbone : ``small_cnn``, ``resnet18``, ``resnet50`` or ``efficientnet_lite0`` (:mod:`ex2l_xai.backbones`).
     n_labels, n_confounders : head sizes; ``n_confounders=0`` builds no confounder head.
     architecture : ``shared`` (both heads read one backbone) or ``dual`` (a backbone per head; a network without a
         confounder head has one backbone either way).
-    cam_layer : module path inside the backbone where CAMs are taken (``layer4``, ``layer3``, ...).
-    pretrained : see :func:`build_backbone`.
+    cam_layer : module path inside the backbone where CAMs are taken (``layer4``, ``layer3``, ``layer4.1``, ...).
+    pretrained : see :func:`~ex2l_xai.backbones.build_backbone`.
+    freeze : ``none``, or the last stage of a frozen prefix (``stem``, ``layer1``, ``layer2``, ``layer3``): those
+        stages keep their weights (no gradient) and their batch norms stay in eval mode, also under ``train()``.
+        With ``dual``, two backbones whose frozen stages hold the same weights (both ImageNet-initialised) share
+        them, so the prefix is computed once for both.
+    cache_frozen : keep the frozen prefix's output of every image seen (:class:`FrozenPrefixCache`): each later
+        pass over the same image skips the prefix. For datasets that fit in memory and yield the same tensor for
+        an image every epoch (no random augmentation); the prefix is computed normally when the input requires
+        grad or a hook watches a frozen module.
+    init_from : a run folder, its ``best.pt``, or a TwoHeadNet state dict: weights to start from after
+        ``pretrained`` (every label-branch key must be there; confounder-branch keys are taken where present).
     """
 
     def __init__(
@@ -150,26 +110,129 @@ class TwoHeadNet(nn.Module):
         cam_layer: str = "layer4",
         pretrained: str = "none",
         width: int = 32,
+        freeze: str = "none",
+        cache_frozen: bool = False,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         if architecture not in ("shared", "dual"):
             raise ConfigError(f"model.architecture: expected shared or dual, got {architecture!r}")
+        freeze_points = ("none", *STAGES[:-1])
+        if freeze not in freeze_points:
+            raise ConfigError(f"model.freeze: expected one of {list(freeze_points)}, got {freeze!r}")
         # without a confounder head there is nothing for a second backbone to serve: dual falls back to one
         self.architecture = architecture if n_confounders > 0 else "shared"
         self.cam_layer_name = cam_layer
+        self.freeze = freeze
+        self.n_frozen = 0 if freeze == "none" else STAGES.index(freeze) + 1
         self.backbone = build_backbone(backbone, pretrained, width)
         self.conf_backbone = build_backbone(backbone, pretrained, width) if self.architecture == "dual" else None
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.label_head = nn.Linear(self.backbone.out_dim, n_labels)
         self.conf_head = nn.Linear(self.backbone.out_dim, n_confounders) if n_confounders > 0 else None
-        for name in {cam_layer}:
-            try:
-                self.backbone.get_submodule(name)
-            except AttributeError as exc:
-                raise ConfigError(
-                    f"model.cam_layer: {name!r} is not a module of {backbone}; try layer4, layer3, layer2 or layer1"
-                ) from exc
+        try:
+            self.backbone.get_submodule(cam_layer)
+        except AttributeError as exc:
+            raise ConfigError(
+                f"model.cam_layer: {cam_layer!r} is not a module of {backbone}; try layer4, layer3, layer2 or layer1"
+            ) from exc
+        root = cam_layer.split(".")[0]
+        if root in STAGES and STAGES.index(root) < self.n_frozen:
+            raise ConfigError(
+                f"model.cam_layer={cam_layer!r} lies in the frozen prefix (model.freeze={freeze!r}): a penalty there "
+                "could not move it; freeze fewer stages or take the CAM later"
+            )
+        if init_from:
+            self._init_from(init_from)
+        self._tied = False
+        self._caches: dict[int, FrozenPrefixCache] | None = {} if cache_frozen and self.n_frozen else None
+        for p in self._frozen_parameters():
+            p.requires_grad_(False)
+        self._tie_frozen()
+        self.train()
 
+    # ---- frozen prefix -------------------------------------------------------------------------------------
+    def _bodies(self) -> list[Backbone]:
+        return [b for b in (self.backbone, self.conf_backbone) if b is not None]
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        return [m for b in self._bodies() for m in b.stages()[: self.n_frozen]]
+
+    def _frozen_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self._frozen_modules() for p in m.parameters()]
+
+    def _tie_frozen(self) -> None:
+        """Let the confounder backbone use the label backbone's frozen stages when they hold the same weights."""
+        cb = self.conf_backbone
+        if cb is None or not self.n_frozen or self._tied:
+            return
+        for name in STAGES[: self.n_frozen]:
+            a, b = getattr(self.backbone, name).state_dict(), getattr(cb, name).state_dict()
+            if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
+                return
+        for name in STAGES[: self.n_frozen]:
+            setattr(cb, name, getattr(self.backbone, name))
+        self._tied = True
+
+    def train(self, mode: bool = True) -> TwoHeadNet:
+        """As ``nn.Module.train``, but the frozen stages stay in eval mode."""
+        super().train(mode)
+        for m in self._frozen_modules():
+            m.eval()
+        return self
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """As ``nn.Module.load_state_dict``; forgets cached prefix outputs and re-ties equal frozen stages."""
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if self._caches is not None:
+            self._caches.clear()
+        self._tie_frozen()
+        return result
+
+    def _prefix(self, body: Backbone, x: Tensor) -> Tensor:
+        n = self.n_frozen
+        hooked = any(m._forward_hooks or m._forward_pre_hooks for s in body.stages()[:n] for m in s.modules())
+        if self._caches is None or x.requires_grad or hooked:
+            return body(x, stop=n)
+        cache = self._caches.setdefault(id(body.stem), FrozenPrefixCache())
+        return cache(lambda xi: body(xi, stop=n), x)
+
+    def _features(self, body: Backbone, x: Tensor, prefix: Tensor | None) -> Tensor:
+        if not self.n_frozen:
+            return body(x)
+        h = prefix if prefix is not None else self._prefix(body, x)
+        return body(h, start=self.n_frozen)
+
+    # ---- weights from a finished run -----------------------------------------------------------------------
+    def _init_from(self, source: str) -> None:
+        path = Path(source)
+        if path.is_dir():
+            path = path / "best.pt"
+        if not path.is_file():
+            raise ConfigError(f"model.init_from: {path} is not a file (expected a run folder, its best.pt or a state dict)")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ConfigError(f"model.init_from: cannot read {path} ({exc})") from exc
+        state = payload.get("model", payload) if isinstance(payload, dict) else None
+        if not isinstance(state, dict):
+            raise ConfigError(f"model.init_from: {path} holds no state dict (expected best.pt of a run)")
+        own = self.state_dict()
+        label_keys = [k for k in own if k.startswith(("backbone.", "label_head."))]
+        missing = [k for k in label_keys if k not in state]
+        if missing:
+            raise ConfigError(f"model.init_from: {path} lacks {len(missing)} label-branch keys, e.g. {missing[:3]}")
+        wrong = [k for k in label_keys if tuple(state[k].shape) != tuple(own[k].shape)]
+        if wrong:
+            k = wrong[0]
+            raise ConfigError(
+                f"model.init_from: {path}: {k} has shape {tuple(state[k].shape)}, this model {tuple(own[k].shape)}"
+            )
+        taken = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+        super().load_state_dict(taken, strict=False)
+        log.info("model.init_from: %d of %d tensors from %s", len(taken), len(own), path)
+
+    # ---- CAM plumbing --------------------------------------------------------------------------------------
     @property
     def latent_dim(self) -> int:
         """Width of the pooled latent."""
@@ -184,8 +247,9 @@ class TwoHeadNet(nn.Module):
     def cam_tails(self) -> tuple[CamTail | None, CamTail | None]:
         """What follows each head's CAM layer (the later stages, global average pooling, the head), for the
         structured CAM path of :func:`ex2l_xai.cam.head_cams`; an entry is None without that head or for a CAM
-        layer inside a stage (e.g. ``layer4.1``)."""
-        stages = ("layer1", "layer2", "layer3", "layer4")
+        layer inside a stage (e.g. ``layer4.1``). :func:`~ex2l_xai.cam.head_cams` checks the description against
+        the recorded forward pass before it uses it."""
+        stages = STAGES[1:]
         if self.cam_layer_name not in stages:
             return None, None
 
@@ -199,11 +263,16 @@ class TwoHeadNet(nn.Module):
         return label, CamTail(after(conf_body), self.conf_head)
 
     def forward(self, x: Tensor) -> TwoHeadOutput:
-        """Both heads from one pass (two backbones when ``dual``)."""
-        latent = self.pool(self.backbone(x)).flatten(1)
+        """Both heads from one pass (two backbones when ``dual``; a tied frozen prefix computed once)."""
+        prefix = self._prefix(self.backbone, x) if self.n_frozen else None
+        latent = self.pool(self._features(self.backbone, x, prefix)).flatten(1)
         label = self.label_head(latent)
         conf = None
         if self.conf_head is not None:
-            conf_latent = latent if self.conf_backbone is None else self.pool(self.conf_backbone(x)).flatten(1)
+            if self.conf_backbone is None:
+                conf_latent = latent
+            else:
+                shared = prefix if self._tied else None
+                conf_latent = self.pool(self._features(self.conf_backbone, x, shared)).flatten(1)
             conf = self.conf_head(conf_latent)
         return TwoHeadOutput(label, conf, latent)

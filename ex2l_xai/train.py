@@ -145,6 +145,9 @@ def build_model(config: Config, n_labels: int, n_confounders: int) -> TwoHeadNet
         cam_layer=m.cam_layer,
         pretrained=m.pretrained,
         width=m.width,
+        freeze=m.freeze,
+        cache_frozen=m.cache_frozen,
+        init_from=m.init_from,
     )
 
 
@@ -558,6 +561,7 @@ def load_run_model(run_dir: str | os.PathLike[str], device: str | torch.device =
         cam_layer=m.cam_layer,
         pretrained="none",
         width=m.width,
+        freeze=m.freeze,
     )
     model.load_state_dict(payload["model"])
     dev = resolve_device(device) if isinstance(device, str) else device

@@ -268,3 +268,144 @@ def test_method_validation() -> None:
     model = TwoHeadNet("resnet18", 3, 4)
     with pytest.raises(Ex2lError, match="method"):
         head_cams(model, model.cam_layers(), torch.randn(1, 3, 32, 32), [0, 0], method="magic")  # type: ignore[arg-type]
+
+
+# ---- the closed form at a CAM layer that feeds global pooling + a linear head (ex2l_xai.cam_heads) ------------
+class PlainNet(nn.Module):
+    """No declarations: a conv trunk, then whatever ``head`` does with the last map."""
+
+    def __init__(self, head: str = "gap") -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 5, 3, padding=1))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(5, 3)
+        self.mlp = nn.Linear(5, 5)
+        self.drop = nn.Dropout(0.5)
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        a = self.trunk(x)
+        if self.head == "gap":
+            z = self.pool(a).flatten(1)
+        elif self.head == "mean":
+            z = a.mean((2, 3))
+        elif self.head == "max":
+            z = a.amax((2, 3))
+        elif self.head == "scaled":
+            z = 2.0 * self.pool(a).flatten(1)
+        elif self.head == "mlp":
+            z = torch.relu(self.mlp(self.pool(a).flatten(1)))
+        elif self.head == "dropout":
+            z = self.drop(self.pool(a).flatten(1))
+        elif self.head == "other_map":
+            z = self.pool(a * a).flatten(1)
+        else:
+            raise ValueError(self.head)
+        return (self.fc(z),)
+
+
+def _count_autograd(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls = [0]
+    orig = torch.autograd.grad
+
+    def counting(*a, **k):
+        calls[0] += 1
+        return orig(*a, **k)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting)
+    return calls
+
+
+@pytest.mark.parametrize("head", ["gap", "mean"])
+def test_closed_form_is_taken_and_equals_autograd(head: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Proven pooling + linear: no autograd call, same CAMs and the same penalty gradients as autograd."""
+    torch.manual_seed(0)
+    net = PlainNet(head).double()
+    layer = net.trunk[2]
+    x, t = torch.randn(4, 3, 6, 6, dtype=torch.float64), torch.tensor([0, 2, 1, 2])
+    calls = _count_autograd(monkeypatch)
+    res = head_cams(net, [layer], x, [t], method="structured")
+    assert calls[0] == 0
+    loss = res.cams[0].pow(2).sum()
+    grads = torch.autograd.grad(loss, [net.fc.weight, net.trunk[0].weight])
+    ref = head_cams(net, [layer], x, [t], method="autograd")
+    ref_grads = torch.autograd.grad(ref.cams[0].pow(2).sum(), [net.fc.weight, net.trunk[0].weight])
+    torch.testing.assert_close(res.cams[0], ref.cams[0], rtol=1e-10, atol=1e-12)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+    # "all" and "pred" targets too
+    for target in ("all", "pred"):
+        a = head_cams(net, [layer], x, [target], create_graph=False)
+        b = head_cams(net, [layer], x, [target], create_graph=False, method="autograd")
+        torch.testing.assert_close(a.cams[0], b.cams[0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("head", ["max", "scaled", "mlp", "dropout", "other_map"])
+def test_anything_but_pooling_and_linear_falls_back_to_autograd(head: str) -> None:
+    """Each of these breaks the closed form's premise: the probe must refuse, and auto must equal autograd."""
+    torch.manual_seed(0)
+    net = PlainNet(head).double().train()
+    layer = net.trunk[2]
+    x, t = torch.randn(4, 3, 6, 6, dtype=torch.float64), torch.tensor([0, 2, 1, 2])
+    with pytest.raises(Ex2lError, match="structured"):
+        head_cams(net, [layer], x, [t], method="structured")
+    torch.manual_seed(1)
+    auto = head_cams(net, [layer], x, [t], create_graph=False)
+    torch.manual_seed(1)
+    ref = head_cams(net, [layer], x, [t], create_graph=False, method="autograd")
+    torch.testing.assert_close(auto.cams[0], ref.cams[0])
+
+
+class LyingResNet(TinyResNet):
+    """Declares the TinyResNet tails but feeds its label head a doubled latent: the declaration is wrong."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.tail(self.cam(self.stem(x))).mean((2, 3))
+        return self.head_y(2.0 * z), self.head_c(z)
+
+
+def test_a_wrong_tail_declaration_cannot_give_wrong_cams() -> None:
+    """Before the run-time check, a model declaring a ResNet tail but changing its head got wrong CAMs silently."""
+    torch.manual_seed(0)
+    model = LyingResNet().double().eval()
+    x, y, c = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 1]), torch.tensor([2, 3])
+    auto = head_cams(model, model.cam_layers(), x, [y, c], create_graph=False)
+    ref = head_cams(model, model.cam_layers(), x, [y, c], create_graph=False, method="autograd")
+    torch.testing.assert_close(auto.cams[0], ref.cams[0])
+    torch.testing.assert_close(auto.cams[1], ref.cams[1])
+    with pytest.raises(Ex2lError, match="structured"):
+        head_cams(model, model.cam_layers(), x, [y, c], method="structured")
+
+
+def test_closed_form_on_torchvision_and_efficientnet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain torchvision ResNet-18 (avgpool + fc) and TwoHeadNet's EfficientNet-Lite0 at layer4 take the closed
+    form, and it equals autograd."""
+    import torchvision
+
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18(weights=None, num_classes=5).eval()
+    x, t = torch.randn(2, 3, 64, 64), torch.tensor([1, 4])
+    calls = _count_autograd(monkeypatch)
+    res = head_cams(lambda i: (tv(i),), [tv.layer4], x, [t], create_graph=False)  # a lambda: nothing to probe
+    assert calls[0] == 1
+    res = head_cams(_Tuple(tv), [tv.layer4], x, [t], create_graph=False)
+    assert calls[0] == 1  # the module: proven, no autograd call
+    ref = head_cams(_Tuple(tv), [tv.layer4], x, [t], create_graph=False, method="autograd")
+    torch.testing.assert_close(res.cams[0], ref.cams[0], rtol=1e-4, atol=1e-5)
+    net = TwoHeadNet("efficientnet_lite0", 3, 4, architecture="dual").eval()
+    x, y, c = torch.rand(2, 3, 64, 64), torch.tensor([0, 2]), torch.tensor([3, 1])
+    calls[0] = 0
+    res = head_cams(net, net.cam_layers(), x, [y, c], create_graph=False)
+    assert calls[0] == 0
+    ref = head_cams(net, net.cam_layers(), x, [y, c], create_graph=False, method="autograd")
+    for a, b in zip(res.cams, ref.cams, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+class _Tuple(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.net(x),)

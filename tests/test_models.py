@@ -40,8 +40,9 @@ def test_resnet_backbone_matches_torchvision_features(tmp_path) -> None:
     path = tmp_path / "r18.pt"
     torch.save(ref.state_dict(), path)
     net = TwoHeadNet("resnet18", 2, 0, pretrained=str(path)).eval()
-    x = torch.randn(2, 3, 64, 64)
-    feats = torch.nn.Sequential(*list(ref.children())[:-2])(x)
+    x = torch.rand(2, 3, 64, 64)  # images in [0, 1]: the backbone applies ImageNet's normalisation itself
+    normalised = torchvision.transforms.functional.normalize(x, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    feats = torch.nn.Sequential(*list(ref.children())[:-2])(normalised)
     torch.testing.assert_close(net.backbone(x), feats)
     torch.testing.assert_close(net(x).latent, feats.mean((2, 3)))
 

@@ -237,10 +237,11 @@ def carve_validation(
 
 
 def make_transform(
-    image_size: int, augment: bool = False, normalize: bool = True
+    image_size: int, augment: bool = False, normalize: bool = False
 ) -> Callable[[Image.Image], torch.Tensor]:
-    """Transform of real images: resize to ``image_size`` square, optional augmentation, ImageNet
-    normalisation.
+    """Transform of real images: resize to ``image_size`` square, optional augmentation; images in [0, 1]
+    (``normalize=True`` adds ImageNet's normalisation, for models that do not normalise their input; the
+    toolkit's own backbones do: :mod:`ex2l_xai.backbones`).
 
     Augmentation (training only) follows Spawrious: horizontal flip, ``ColorJitter(0.3, 0.3, 0.3, 0.3)``,
     random grayscale.
@@ -291,8 +292,8 @@ class ImageFileDataset(GroupDataset):
         and kept in ``n_skipped``. If False (default), a bad file raises :class:`DataError` when it is loaded.
     """
 
-    mean = IMAGENET_MEAN
-    std = IMAGENET_STD
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
 
     def __init__(
         self,
@@ -303,12 +304,12 @@ class ImageFileDataset(GroupDataset):
         env_names: Sequence[str],
         transform: Callable[[Image.Image], torch.Tensor],
         skip_unreadable: bool = False,
-        normalize: bool = True,
+        normalize: bool = False,
     ) -> None:
         self.n_skipped = 0
-        if not normalize:
-            self.mean = None
-            self.std = None
+        if normalize:  # the images are ImageNet-normalised: analysis undoes it for display
+            self.mean = IMAGENET_MEAN
+            self.std = IMAGENET_STD
         table = table.reset_index(drop=True)
         if skip_unreadable and len(table):
             ok = np.ones(len(table), dtype=bool)

@@ -80,8 +80,8 @@ class CsvDataset(ImageFileDataset):
     label_names, confounder_names, env_names : sequence of str or None
         Names of ids 0, 1, ...; when given, the column values are used as ids.
     image_size : int
-        Images are resized to ``image_size`` x ``image_size`` (default 224), ImageNet-normalised unless
-        ``normalize=False``.
+        Images are resized to ``image_size`` x ``image_size`` (default 224), in [0, 1] (the toolkit's backbones
+        normalise their own input); ``normalize=True`` ImageNet-normalises them for a model that does not.
     seed, val_fraction, test_fraction : int, float, float
         Used only when the CSV has no ``split`` column.
     augment, skip_unreadable, transform
@@ -103,7 +103,7 @@ class CsvDataset(ImageFileDataset):
         val_fraction: float = 0.2,
         test_fraction: float = 0.2,
         augment: bool = False,
-        normalize: bool = True,
+        normalize: bool = False,
         skip_unreadable: bool = False,
         transform: Callable[[Image.Image], torch.Tensor] | None = None,
     ) -> None:

@@ -39,7 +39,7 @@ class WaterbirdsDataset(ImageFileDataset):
     root : str
         Folder with ``metadata.csv`` and the image folders it names.
     image_size : int
-        Images are resized to ``image_size`` x ``image_size`` (default 224), ImageNet-normalised.
+        Images are resized to ``image_size`` x ``image_size`` (default 224), in [0, 1].
     augment : bool
         Training split only: random flip, colour jitter and grayscale.
     skip_unreadable : bool
