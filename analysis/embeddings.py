@@ -135,12 +135,10 @@ def embedding_figure(
     default to :func:`embed` of each extraction's latents (``method``, ``seed``, ``n_epochs``,
     ``n_neighbors``). Legends carry the names. Saves a PNG when ``out`` is given; returns the figure.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import seaborn as sns
     from matplotlib.lines import Line2D
+
+    from analysis.plotting import new_figure, save_figure
 
     if not extractions:
         raise Ex2lError("embedding_figure: expected at least one extraction")
@@ -158,10 +156,8 @@ def embedding_figure(
     side_by_side = len(colour_by) == 1
     n_rows, n_cols = (1, n_models) if side_by_side else (n_models, len(colour_by))
     size = 3.3
-    fig, axes = plt.subplots(
-        n_rows, n_cols, figsize=(size * n_cols + 1.6, size * n_rows + 0.9), squeeze=False,
-        layout="constrained", dpi=dpi,
-    )
+    fig = new_figure(size * n_cols + 1.6, size * n_rows + 0.9, dpi=dpi)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
     label = "UMAP" if method == "umap" else "PCA"
     for m, (e, emb) in enumerate(zip(extractions, embeddings, strict=True)):
         n = emb.shape[0]
@@ -212,7 +208,5 @@ def embedding_figure(
         head += "\nMMD$_{env}$: mean squared MMD between environments (lower = more domain-invariant)"
     fig.suptitle(head, fontsize=10)
     if out is not None:
-        from analysis.overlays import save_figure
-
         save_figure(fig, out, dpi)
     return fig

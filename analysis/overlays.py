@@ -3,7 +3,7 @@
 Rows are chosen by a seeded rule (:func:`select_rows`); each CAM is upsampled bilinearly to the image
 (:func:`ex2l_xai.cam.upsample`), divided by its own maximum and blended over the image with one colour map, which
 a colour bar explains. Each cell is titled ``y=<label> ŷ=<prediction> c=<confounder>`` (green when ŷ = y, red
-otherwise). Matplotlib only (Agg backend); PNG output.
+otherwise). Drawn on its own :class:`matplotlib.figure.Figure` (no pyplot, no backend switch); PNG output.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -158,12 +157,10 @@ def gradcam_grid(
     show_conf : add, for every model with a confounder head, a column with its confounder CAM (at c).
     cmap, alpha : colour map and blending weight of the CAM.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
+
+    from analysis.plotting import new_figure, save_figure
 
     if cam not in ("true", "pred"):
         raise Ex2lError(f"cam: expected 'true' or 'pred', got {cam!r}")
@@ -178,9 +175,8 @@ def gradcam_grid(
             columns.append((f"{e.name}\nconfounder head", e, "conf"))
     n_r, n_c = len(chosen), len(columns)
     cell = 1.9
-    fig, axes = plt.subplots(
-        n_r, n_c, figsize=(cell * n_c + 0.9, cell * n_r + 1.0), squeeze=False, layout="constrained", dpi=dpi
-    )
+    fig = new_figure(cell * n_c + 0.9, cell * n_r + 1.0, dpi=dpi)
+    axes = fig.subplots(n_r, n_c, squeeze=False)
     first = extractions[0]
     for r, idx in enumerate(chosen):
         sample = dataset[int(idx)]
@@ -249,15 +245,3 @@ def _rule_text(rule: str) -> str:
         "disagreement": "samples where the models disagree",
         "random": "random samples",
     }[rule]
-
-
-def save_figure(fig: Any, out: str | os.PathLike[str], dpi: int) -> None:
-    """Save a figure atomically (temporary file in the same folder, then ``os.replace``) and close it."""
-    import matplotlib.pyplot as plt
-
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png", facecolor="white")
-    os.replace(tmp, path)
-    plt.close(fig)

@@ -137,7 +137,7 @@ def test_subsample_is_seeded_and_stratified(tiny_test) -> None:
 def test_extract_errors(tiny_test) -> None:
     with pytest.raises(Ex2lError, match="needs a dataset object|a split name needs a run folder"):
         extract(torchvision.models.resnet18(num_classes=4), "test")
-    with pytest.raises(Ex2lError, match="no Conv2d"):
+    with pytest.raises(Ex2lError, match=r"no module with a \(B, C, h, w\) output"):
         extract(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 4)), tiny_test)
     with pytest.raises(Ex2lError, match="not a module path"):
         extract(torchvision.models.resnet18(num_classes=4), tiny_test, layer="layer9")
