@@ -12,6 +12,7 @@ iou        soft Jaccard, quadratic (Tanimoto) form: Σab / (Σa² + Σb² - Σab
 ssim       SSIM (Wang et al. 2004), mean over Gaussian windows, see :func:`ssim`    [-1, 1]
 cosine     Σab / sqrt((Σa² + eps)(Σb² + eps))                                       [0, 1]   ([-1, 1])
 pearson    cosine of the mean-centred maps                                          [-1, 1]
+product    mean over pixels of ab (Singh et al. 2020's overlap of min-max CAMs)      [0, 1] for maps in [0, 1]
 =========  =====================================================================  ===========================
 
 Identical maps score 1 under every kind (for dice, iou and cosine up to eps; an all-zero map scores 0 under
@@ -34,9 +35,9 @@ from torch import Tensor
 
 from ex2l_xai.errors import Ex2lError
 
-Kind = Literal["dice", "iou", "ssim", "cosine", "pearson"]
+Kind = Literal["dice", "iou", "ssim", "cosine", "pearson", "product"]
 Norm = Literal["max", "sum", "minmax", "softmax", "none"]
-KINDS: tuple[str, ...] = ("dice", "iou", "ssim", "cosine", "pearson")
+KINDS: tuple[str, ...] = ("dice", "iou", "ssim", "cosine", "pearson", "product")
 NORMS: tuple[str, ...] = ("max", "sum", "minmax", "softmax", "none")
 EPS = 1e-8
 SSIM_WINDOW = 11
@@ -126,6 +127,8 @@ def similarity(a: Tensor, b: Tensor, kind: Kind = "dice", norm: Norm = "max", ep
         fa = fa - fa.mean(1, keepdim=True)
         fb = fb - fb.mean(1, keepdim=True)
     ab = (fa * fb).sum(1)
+    if kind == "product":
+        return ab / fa.shape[1]
     aa = (fa * fa).sum(1)
     bb = (fb * fb).sum(1)
     if kind == "dice":

@@ -7,6 +7,19 @@ loss = CE(label head, y) + w_c · CE(confounder head, c) + λ(epoch) · mean_i P
 R_i(p), the absolute label evidence, in logit units, that lies in the confounder region R_i = max-normalised
 ReLU(CAM_c(x_i)). With a linear head on globally pooled features Σ_p CAM_y(p) is the logit itself (minus the
 bias), so the penalty cannot be met by killing the label CAM without losing the logit that CE asks for.
+``variant: gradmask`` (RRR, Ross et al. 2017; GALS, Petryk et al. 2022, with the confounder head instead of a human
+mask saying where the confounder lives) penalises where the label decision looks in the INPUT (or at an early
+stage, ``grad_at``), where receptive fields cannot carry the background into object cells: P_i = Σ_p R_i(p) ·
+S_i(p) / Σ_p S_i(p), the share of the saliency S_i = Σ_channels (∂ log p(y_i | x_i) / ∂ F_i)² that lies in the
+confounder region R_i (the max-normalised confounder CAM upsampled to F's size, detached); a share, so it cannot
+be met by flattening every gradient.
+
+``anchor_weight`` > 0 adds Singh et al. (2020)'s regulariser: anchor_weight · mean_p |mm(CAM_y) − mm(CAM*_y)|
+(and the same for the confounder CAM when the anchor has a confounder head), where mm is min-max normalisation of
+the signed CAM and CAM* the CAM of a frozen copy of the model as it was when training started (so start from a
+trained model: ``model.init_from``). With ``similarity: product, norm: minmax, cam_relu: false`` the penalty is
+their overlap mean_p mm(CAM_y) · mm(CAM_c), which, unlike a ReLU'd map, cannot go all zero; their setting was
+0.1 overlap + 0.01 anchor on an ImageNet-pretrained ResNet-50 fine-tuned from the standard classifier.
 
 All CAMs of a step come from the training forward pass (:func:`ex2l_xai.cam.head_cams`). Every option that
 decides whether the penalty is met or gamed is exposed: ``conf_detach`` (the confounder CE does not reach the
@@ -18,6 +31,7 @@ so the decision cannot move to other classes' logits), ``cam_relu: false`` (sign
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +40,7 @@ from torch.nn import functional as F
 
 from ex2l_xai.algorithms.base import Algorithm, TrainInfo, register
 from ex2l_xai.algorithms.erm import ERMParams, confounder_ce
-from ex2l_xai.cam import head_cams
+from ex2l_xai.cam import capture_activations, head_cams, upsample
 from ex2l_xai.errors import ConfigError
 from ex2l_xai.models import TwoHeadNet
 from ex2l_xai.penalties import KINDS, NORMS, normalize, similarity
@@ -37,7 +51,7 @@ class Ex2lParams(ERMParams):
     """eX2L's options; the defaults are the variant chosen on validation (docs/results.md)."""
 
     CHOICES = {
-        "variant": ("paper", "evidence"),
+        "variant": ("paper", "evidence", "gradmask"),
         "similarity": KINDS,
         "norm": NORMS,
         "label_cam_target": ("true", "pred"),
@@ -55,6 +69,8 @@ class Ex2lParams(ERMParams):
     label_cam_classes: str = "target"
     cam_relu: bool = True
     stop_grad: str = "none"
+    anchor_weight: float = 0.0
+    grad_at: str = "input"
 
     def needs_confounder_head(self) -> bool:
         return True
@@ -68,6 +84,8 @@ class Ex2lParams(ERMParams):
             raise ConfigError(f"algorithm.penalty_weight: expected >= 0, got {self.penalty_weight}")
         if self.warmup_epochs < 0:
             raise ConfigError(f"algorithm.warmup_epochs: expected >= 0, got {self.warmup_epochs}")
+        if self.anchor_weight < 0:
+            raise ConfigError(f"algorithm.anchor_weight: expected >= 0, got {self.anchor_weight}")
 
     def lam(self, epoch: int) -> float:
         """λ at ``epoch`` (0-based): a linear ramp from 0 over ``warmup_epochs``, then ``penalty_weight``."""
@@ -98,13 +116,33 @@ class Ex2l(Algorithm):
             raise ConfigError("algorithm ex2l needs a confounder head: the model was built without one")
         if params.conf_detach and model.architecture == "dual":
             raise ConfigError("algorithm.conf_detach=true needs model.architecture=shared (dual trains its own backbone)")
+        if params.variant == "gradmask" and params.grad_at != "input":
+            try:
+                model.backbone.get_submodule(params.grad_at)
+            except AttributeError as exc:
+                raise ConfigError(
+                    f"algorithm.grad_at: expected input or a module of the backbone (layer1, layer2, ...), "
+                    f"got {params.grad_at!r}"
+                ) from exc
+        self.anchor: TwoHeadNet | None = None
+        if params.anchor_weight > 0:
+            # the model as training starts (after model.init_from), frozen: Singh et al.'s reference CAMs
+            self.anchor = copy.deepcopy(model).requires_grad_(False).eval()
+            self.anchor._caches = model._caches  # the same frozen prefix: one cache serves both
         self._zero = 0
         self._seen = 0
         self._pen_sum = 0.0
         self._batches = 0
 
+    def train(self, mode: bool = True) -> Ex2l:
+        """As ``nn.Module.train``; the anchor stays in eval mode (its batch norms must not move)."""
+        super().train(mode)
+        if self.anchor is not None:
+            self.anchor.eval()
+        return self
+
     def penalty(self, label_cam: Tensor, conf_cam: Tensor) -> Tensor:
-        """Per-sample penalty P_i (B,) of the chosen variant; ``label_cam`` may be (B, C, h, w) for all classes."""
+        """Per-sample penalty P_i (B,) of the CAM variants; ``label_cam`` may be (B, C, h, w) for all classes."""
         p = self.params
         if p.stop_grad == "confounder":
             conf_cam = conf_cam.detach()
@@ -114,46 +152,90 @@ class Ex2l(Algorithm):
         region = normalize(F.relu(conf_cam), "max")
         return torch.stack([(m.abs() * region).flatten(1).sum(1) for m in maps]).mean(0)
 
+    def gradmask_penalty(self, logits: Tensor, y: Tensor, where: Tensor, conf_cam: Tensor) -> Tensor:
+        """Per-sample share of the label log-probability's saliency at ``where`` (the input or an early stage's
+        output, (B, C, H, W)) that lies in the confounder region."""
+        logp = F.log_softmax(logits, 1).gather(1, y[:, None]).sum()
+        (grad,) = torch.autograd.grad(logp, where, create_graph=True)
+        sal = grad.pow(2).sum(1)  # (B, H, W)
+        region = upsample(normalize(F.relu(conf_cam.detach()), "max"), tuple(sal.shape[-2:]))
+        return (region * sal).flatten(1).sum(1) / (sal.flatten(1).sum(1) + 1e-12)
+
+    def anchor_term(self, x: Tensor, targets: list[Tensor], cams: tuple[Tensor | None, ...]) -> Tensor:
+        """mean_p |mm(CAM) - mm(CAM of the anchor)| over the label CAM (and the confounder CAM, when both have
+        one), per sample (B,); CAMs signed, min-max normalised (Singh et al. 2020)."""
+        assert self.anchor is not None
+        heads = len([c for c in cams if c is not None]) if self.anchor.conf_head is not None else 1
+        ref = head_cams(
+            self.anchor, self.anchor.cam_layers()[:heads], x, targets[:heads], create_graph=False, relu=False
+        )
+        terms = []
+        for cam, r in zip(cams[:heads], ref.cams, strict=True):
+            assert cam is not None and r is not None
+            terms.append((normalize(cam, "minmax") - normalize(r, "minmax")).abs().flatten(1).mean(1))
+        return torch.stack(terms).sum(0)
+
     def loss(self, batch: dict[str, Tensor], epoch: int) -> tuple[Tensor, dict[str, float]]:
         p = self.params
         x, y, c = batch["image"], batch["label"], batch["confounder"]
         lam = p.lam(epoch)
+        gradmask = p.variant == "gradmask"
         label_target = "all" if p.label_cam_classes == "all" else ("pred" if p.label_cam_target == "pred" else y)
+        anchored = self.anchor is not None and p.anchor_weight > 0
+        # CAMs come signed; each term applies the ReLU it needs (ReLU of the signed map is Grad-CAM's map)
         label_relu = p.cam_relu and p.variant == "paper"
-        res = head_cams(
-            self.model,
-            self.model.cam_layers(),
-            x,
-            [label_target, c],
-            create_graph=lam > 0,
-            retain_graph=True,
-            relu=[label_relu, p.cam_relu or p.variant == "evidence"],
-        )
+        conf_relu = p.cam_relu or p.variant in ("evidence", "gradmask")
+        if gradmask and lam > 0 and p.grad_at == "input":
+            x = x.detach().requires_grad_(True)
+        grad_layers = [self.model.backbone.get_submodule(p.grad_at)] if gradmask and p.grad_at != "input" else []
+        with capture_activations(grad_layers) as early:
+            res = head_cams(
+                self.model,
+                self.model.cam_layers(),
+                x,
+                [label_target, c],
+                create_graph=(lam > 0 and not gradmask) or anchored,
+                retain_graph=True,
+                relu=False,
+            )
         out = res.output
         ce = F.cross_entropy(out.label, y)
         conf = confounder_ce(self.model, out, c, p.conf_detach)
         loss = ce + p.conf_weight * conf
-        label_cam, conf_cam = res.cams
-        assert label_cam is not None and conf_cam is not None
-        pen = self.penalty(label_cam, conf_cam).mean()
+        signed_label, signed_conf = res.cams
+        assert signed_label is not None and signed_conf is not None
+        label_cam = F.relu(signed_label) if label_relu else signed_label
+        conf_cam = F.relu(signed_conf) if conf_relu else signed_conf
+        if gradmask:
+            where = x if p.grad_at == "input" else early[0]
+            pen = self.gradmask_penalty(out.label, y, where, conf_cam) if lam > 0 else torch.zeros(())
+            pen = pen.mean()
+        else:
+            pen = self.penalty(label_cam, conf_cam).mean()
         if lam > 0:
             loss = loss + lam * pen
+        parts = {}
+        if anchored:
+            label_t = signed_label if signed_label.dim() == 3 else _select(signed_label, y)
+            anchor = self.anchor_term(x.detach(), [y, c], (label_t, signed_conf)).mean()
+            loss = loss + p.anchor_weight * anchor
+            parts["anchor"] = float(anchor.detach())
         # gaming alarm: label CAMs (at the class the loss looks at) with no positive evidence left
         target_cls = out.label.detach().argmax(1) if p.label_cam_target == "pred" else y
         at_target = _select(label_cam, target_cls) if label_cam.dim() == 4 else label_cam
-        n_zero = int(zero_share(at_target))
+        n_zero = int(zero_share(F.relu(at_target)))  # as the ReLU'd map: no positive evidence
         self._zero += n_zero
         self._seen += y.shape[0]
         self._pen_sum += float(pen.detach())
         self._batches += 1
-        parts = {
+        parts.update({
             "ce": float(ce.detach()),
             "conf_ce": float(conf.detach()),
             "penalty": float(pen.detach()),
             "lambda": lam,
             "zero_cam": n_zero / y.shape[0],
             "loss": float(loss.detach()),
-        }
+        })
         return loss, parts
 
     def epoch_stats(self) -> dict[str, float]:
