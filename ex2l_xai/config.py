@@ -4,7 +4,7 @@ A configuration has six sections and a seed::
 
     seed: 0
     data:      {name, root, options: {...passed to get_dataset...}, batch_size, eval_batch_size, num_workers, cache}
-    model:     {backbone, architecture, cam_layer, pretrained, width}
+    model:     {backbone, architecture, cam_layer, pretrained, width, freeze, cache_frozen, init_from}
     algorithm: {name, ...the algorithm's own keys...}
     optim:     {name, lr, weight_decay, momentum}
     schedule:  {name, step_size, gamma, warmup_epochs}
@@ -39,6 +39,7 @@ __all__ = [
     "ScheduleConfig",
     "TrainConfig",
     "apply_override",
+    "check_value",
     "config_from_dict",
     "config_to_dict",
     "list_presets",
@@ -266,7 +267,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
             raise ConfigError(f"{key}: unknown section; expected one of {sorted(known)}")
     kwargs: dict[str, Any] = {}
     if "seed" in raw:
-        kwargs["seed"] = _check(raw["seed"], int, "seed")
+        kwargs["seed"] = check_value(raw["seed"], int, "seed")
         if kwargs["seed"] < 0:
             raise ConfigError(f"seed: expected an integer >= 0, got {kwargs['seed']}")
     for name, cls in _SECTIONS.items():
@@ -289,7 +290,7 @@ def _build_section(name: str, cls: type, values: dict[str, Any]) -> Any:
     for key, value in values.items():
         if key not in fields:
             raise ConfigError(f"{name}.{key}: unknown key; expected one of {sorted(fields)}")
-        out[key] = _check(value, hints[key], f"{name}.{key}")
+        out[key] = check_value(value, hints[key], f"{name}.{key}")
     return cls(**out)
 
 
@@ -308,39 +309,56 @@ def _build_algorithm(section: Any) -> dict[str, Any]:
     return {"name": name, **dataclasses.asdict(params)}
 
 
-_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}
+def check_value(value: Any, annotation: Any, key: str, choices: tuple[str, ...] | None = None) -> Any:
+    """``value`` checked against a field's type annotation (and ``choices``, for strings); ints are widened to
+    floats. The project's one type checker of configuration values: the sections here and every algorithm's
+    ``Params`` (:func:`ex2l_xai.algorithms.params_from_dict`) go through it.
 
+    Parameters
+    ----------
+    value : any
+        The value as read from YAML or an override.
+    annotation : type
+        The field's resolved annotation: ``int``, ``float``, ``bool``, ``str``, ``dict[...]`` or an optional
+        (``X | None``) of one of them.
+    key : str
+        The dotted key named in the error (``optim.lr``, ``algorithm.eta``).
+    choices : tuple of str, optional
+        The allowed values of a string field.
 
-def _check(value: Any, annotation: Any, key: str) -> Any:
-    """``value`` checked (and ints widened to floats) against a field's annotation; ConfigError naming ``key``."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
+    Raises
+    ------
+    ConfigError
+        Naming ``key``, the expected type (or choices) and the value.
+    """
+    optional = False
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         args = typing.get_args(annotation)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) != 1:
+            raise TypeError(f"{key}: unsupported annotation {annotation!r} (one type, optionally | None)")
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _check(value, inner, key)
-    if origin is dict or annotation is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return copy.deepcopy(value)
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
+        annotation, optional = inner[0], type(None) in args
+    if typing.get_origin(annotation) is dict or annotation is dict:
+        ok, what = isinstance(value, dict), "a mapping"
+    elif annotation is bool:
+        ok, what = isinstance(value, bool), "true or false"
+    elif annotation is int:
+        ok, what = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif annotation is float:
+        ok, what = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif annotation is str:
+        ok, what = isinstance(value, str), "a string"
+    else:  # a programming error in a dataclass, not bad input
+        raise TypeError(f"{key}: unsupported annotation {annotation!r}")
+    if not ok:
+        raise ConfigError(f"{key}: expected {what}{' or null' if optional else ''}, got {value!r}")
     if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    return value  # pragma: no cover - every field has one of the types above
+    if annotation is str and choices is not None:
+        _choice(key, value, choices)
+    return copy.deepcopy(value) if isinstance(value, dict) else value
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -1,26 +1,59 @@
-"""The algorithm interface and registry: one small class per training algorithm."""
+"""The algorithm interface and its registry: one small class per training algorithm, one file each.
+
+The registry is :data:`ALGORITHMS` (this module), filled by the ``@register("name")`` class decorator. Every
+module of the ``ex2l_xai.algorithms`` package is imported when the package is (automatic discovery, in its
+``__init__``), so adding an algorithm is adding one file; docs/training.md shows a toy one.
+
+The loop belongs to the trainer (:mod:`ex2l_xai.train`); an algorithm overrides only the hooks it needs, as a
+PyTorch Lightning module does:
+
+- ``loss(batch, epoch)``: the loss and its logged parts. Enough for ERM, GroupDRO, eX2L, CORAL, ...
+- ``training_step(batch, ctx)``: the general form; ``ctx`` (:class:`StepContext`) carries the epoch within the
+  stage and the global step (IRM's and VREx's anneal), and the returned :class:`StepOutput` says which
+  optimisers the loss steps (DANN alternates its discriminator's and the model's) and which have their moments
+  cleared first (DomainBed's Adam reset when IRM's penalty weight jumps).
+- ``configure_optimizers(build, stage)``: the optimisers, by name; ``"model"`` is built by the trainer from
+  the run's ``optim`` section (``build``), others are the algorithm's own (DANN's discriminator).
+- ``stages()``: the run as a list of :class:`Stage`; a ``train`` stage runs epochs of ``training_step``, a
+  ``fit`` stage is one call of ``fit(stage, ctx)`` (DFR's last-layer fit). ``on_stage_start(stage, ctx)``
+  looks at any split before a stage begins (JTT's error set) and may start the model afresh
+  (``ctx.fresh_model()``). Only ``selectable`` stages are candidates for model selection.
+- ``train_indices(stage, dataset)``: the samples (with repeats) an epoch of a stage iterates, shuffled by the
+  trainer (JTT's upsampling); per-sample loss weights need no hook, every batch carries each sample's ``index``.
+- ``evaluation_subset(split)``: samples of an evaluation split the algorithm fitted on, left out of its metrics
+  (DFR fits on one half of ``val`` and is selected on the other).
+- ``predict(x)`` (label logits), ``epoch_stats()`` (statistics of the epoch, reset on read).
+
+State that must survive a resume lives in buffers or parameters (``state_dict``, saved in ``checkpoint.pt``).
+The model is a :class:`~ex2l_xai.models.TwoHeadNet` (its ``best.pt`` is what the analysis layer loads); an
+algorithm reads it only through ``model(x)`` (``label``, ``confounder``, ``latent``) and ``model.label_head``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from dataclasses import dataclass
+import typing
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
+from ex2l_xai.config import check_value
 from ex2l_xai.errors import ConfigError
 from ex2l_xai.models import TwoHeadNet
 
 ALGORITHMS: dict[str, type[Algorithm]] = {}
+"""The registry: algorithm name -> class (filled by :func:`register`)."""
 
 
 def register(name: str) -> Callable[[type[Algorithm]], type[Algorithm]]:
     """Class decorator: add an algorithm to the registry under ``name``."""
 
     def deco(cls: type[Algorithm]) -> type[Algorithm]:
-        if name in ALGORITHMS:
-            raise ConfigError(f"algorithm {name!r} is registered twice")
+        if name in ALGORITHMS and ALGORITHMS[name] is not cls:
+            raise ConfigError(f"algorithm {name!r} is registered twice ({ALGORITHMS[name].__module__}, {cls.__module__})")
         cls.name = name
         ALGORITHMS[name] = cls
         return cls
@@ -30,30 +63,97 @@ def register(name: str) -> Callable[[type[Algorithm]], type[Algorithm]]:
 
 @dataclass
 class Params:
-    """Hyperparameters common to every algorithm (subclasses add their own)."""
+    """Hyperparameters of an algorithm (subclasses add typed fields with defaults).
+
+    A field may be ``int``, ``float``, ``bool``, ``str`` or an optional of one (``int | None``); ``CHOICES``
+    names the allowed values of string fields; ``validate()`` checks ranges.
+    """
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def needs_confounder_head(self) -> bool:
         """Whether the model needs a confounder head for this algorithm."""
         return False
 
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for a value out of range (types are checked before)."""
+
 
 @dataclass
 class TrainInfo:
-    """What an algorithm may know of the training set."""
+    """What an algorithm may know of the training split and the run.
+
+    ``group_counts`` and ``env_counts`` are indexed by group id and environment id (0 where absent);
+    ``seed``, ``epochs``, ``lr`` and ``batch_size`` are the run's ``seed``, ``train.epochs``, ``optim.lr`` and
+    ``data.batch_size``.
+    """
 
     n_labels: int
     n_confounders: int
     n_groups: int
     group_counts: list[int]
+    n_samples: int = 0
+    env_counts: list[int] = field(default_factory=list)
+    env_names: list[str] = field(default_factory=list)
+    seed: int = 0
+    epochs: int = 1
+    lr: float = 1e-3
+    batch_size: int = 64
+
+    @property
+    def train_envs(self) -> list[int]:
+        """Ids of the environments present in the training split."""
+        return [e for e, n in enumerate(self.env_counts) if n > 0]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a run: ``train`` (``epochs`` epochs of ``training_step``) or ``fit`` (one ``fit`` call,
+    counted as one epoch). Evaluations of a stage that is not ``selectable`` are logged but never selected."""
+
+    name: str
+    epochs: int = 1
+    kind: str = "train"
+    selectable: bool = True
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Where a training step is: ``epoch`` within its stage (0-based), ``step`` over the whole run (0-based
+    index of this step), and the stage."""
+
+    epoch: int
+    step: int
+    stage: Stage
+
+
+@dataclass
+class StepOutput:
+    """A step's loss, its parts for the logs, the optimisers it steps and those whose state is cleared first."""
+
+    loss: Tensor
+    parts: dict[str, float]
+    optimizers: tuple[str, ...] = ("model",)
+    reset: tuple[str, ...] = ()
+
+
+@dataclass
+class StageContext:
+    """What a stage hook may use: the datasets by split, the device, the run's seed, a non-shuffled loader over
+    a split (``eval_loader("train")``) and the run's model as it was built at the start (``fresh_model()``)."""
+
+    datasets: dict[str, Any]
+    device: torch.device
+    seed: int
+    eval_loader: Callable[[str], Iterable[dict[str, Any]]]
+    fresh_model: Callable[[], nn.Module]
+
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
 class Algorithm(nn.Module):
-    """A model plus its training loss.
-
-    ``loss(batch, epoch)`` returns the scalar loss and a dict of its parts (floats) for the logs;
-    ``predict(x)`` returns label logits; ``epoch_stats()`` returns per-epoch statistics and resets them.
-    Buffers (e.g. GroupDRO's q) live in ``state_dict()`` and so in the checkpoints.
-    """
+    """A model plus how it is trained (see the module docstring for the hooks)."""
 
     name: ClassVar[str] = ""
     Params: ClassVar[type[Params]] = Params
@@ -64,8 +164,41 @@ class Algorithm(nn.Module):
         self.params = params
         self.info = info
 
+    # ---- the shape of the run -----------------------------------------------------------------------------
+    def stages(self) -> list[Stage]:
+        """The stages of a run; by default one ``train`` stage of ``train.epochs`` epochs."""
+        return [Stage("train", self.info.epochs)]
+
+    def configure_optimizers(self, build: OptimizerFactory, stage: Stage) -> dict[str, torch.optim.Optimizer]:
+        """The optimisers of ``stage`` by name; ``build`` makes the run's optimiser (``optim`` section)."""
+        return {"model": build(self.parameters())}
+
+    def on_stage_start(self, stage: Stage, ctx: StageContext) -> None:
+        """Called once before a stage's first epoch (not again when a run resumes inside the stage)."""
+
+    def train_indices(self, stage: Stage, dataset: Any) -> Sequence[int] | None:
+        """Samples (repeats allowed) an epoch of ``stage`` iterates, in any order; None: every sample once."""
+        return None
+
+    # ---- a step -------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Tensor], ctx: StepContext) -> StepOutput:
+        """One step's loss; by default :meth:`loss` at the epoch within the stage, stepping ``"model"``."""
+        loss, parts = self.loss(batch, ctx.epoch)
+        return StepOutput(loss, parts)
+
     def loss(self, batch: dict[str, Tensor], epoch: int) -> tuple[Tensor, dict[str, float]]:
-        raise NotImplementedError
+        """The scalar loss of a batch and a dict of its parts (floats) for the logs."""
+        raise NotImplementedError(f"algorithm {self.name!r} implements neither loss() nor training_step()")
+
+    def fit(self, stage: Stage, ctx: StageContext) -> dict[str, float]:
+        """Run a ``fit`` stage; returns its loss parts for the logs."""
+        raise NotImplementedError(f"algorithm {self.name!r} has a fit stage {stage.name!r} but no fit()")
+
+    # ---- evaluation ---------------------------------------------------------------------------------------
+    def evaluation_subset(self, split: str) -> Sequence[int] | None:
+        """Indices of ``split`` the metrics are taken on (None: all); the samples an algorithm fitted on are
+        left out, so that model selection does not grade it on its own training data."""
+        return None
 
     def predict(self, x: Tensor) -> Tensor:
         """Label logits."""
@@ -77,45 +210,21 @@ class Algorithm(nn.Module):
 
 
 def params_from_dict(name: str, values: dict[str, Any]) -> Params:
-    """Build the ``Params`` dataclass of algorithm ``name`` from a dict; unknown keys and wrong types are errors
-    naming the key."""
+    """Build the ``Params`` dataclass of algorithm ``name`` from a dict; unknown keys, wrong types and values out
+    of range are :class:`ConfigError` naming the key."""
     if name not in ALGORITHMS:
         raise ConfigError(f"algorithm.name: expected one of {sorted(ALGORITHMS)}, got {name!r}")
     cls = ALGORITHMS[name].Params
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
             raise ConfigError(f"algorithm.{key}: unknown for {name}; known keys: {sorted(fields)}")
-        kwargs[key] = _coerce(f"algorithm.{key}", value, fields[key].type, getattr(cls, "CHOICES", {}).get(key))
+        kwargs[key] = check_value(value, hints[key], f"algorithm.{key}", cls.CHOICES.get(key))
     params = cls(**kwargs)
-    validate = getattr(params, "validate", None)
-    if validate is not None:
-        validate()
+    params.validate()
     return params
-
-
-def _coerce(key: str, value: Any, annotation: Any, choices: tuple[str, ...] | None) -> Any:
-    ann = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
-    if ann == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if ann == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if ann == "bool":
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if ann == "str":
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        if choices is not None and value not in choices:
-            raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
-        return value
-    return value
 
 
 def build_algorithm(name: str, model: TwoHeadNet, params: Params, info: TrainInfo) -> Algorithm:
@@ -125,6 +234,7 @@ def build_algorithm(name: str, model: TwoHeadNet, params: Params, info: TrainInf
     return ALGORITHMS[name](model, params, info)
 
 
+# ---- helpers shared by several algorithms ----------------------------------------------------------------------
 def group_ids(batch: dict[str, Tensor], n_confounders: int) -> Tensor:
     """Group id = label × n_confounders + confounder (DESIGN.md)."""
     return batch["label"] * n_confounders + batch["confounder"]
@@ -135,15 +245,45 @@ def per_sample_ce(logits: Tensor, target: Tensor) -> Tensor:
     return nn.functional.cross_entropy(logits, target, reduction="none")
 
 
+def env_members(envs: Tensor, minimum: int = 1) -> list[Tensor]:
+    """Indices of the batch's samples in each environment present (ascending env id), for environments with at
+    least ``minimum`` samples in the batch."""
+    out = []
+    for e in torch.unique(envs):  # sorted
+        idx = torch.nonzero(envs == e).flatten()
+        if idx.numel() >= minimum:
+            out.append(idx)
+    return out
+
+
+def require_train_envs(name: str, info: TrainInfo, minimum: int = 2) -> None:
+    """ConfigError unless the training split holds at least ``minimum`` environments (the dataset's ``env``)."""
+    present = info.train_envs
+    if len(present) < minimum:
+        names = [info.env_names[e] if e < len(info.env_names) else str(e) for e in present]
+        raise ConfigError(
+            f"algorithm.name={name}: needs at least {minimum} environments in the training split (the dataset's "
+            f"env column), found {len(present)} ({', '.join(names) or 'none'}); use a dataset with several "
+            "training environments (e.g. synthetic, spawrious, a csv with an env column) or a group-based "
+            "algorithm (groupdro, jtt, dfr)"
+        )
+
+
 __all__ = [
     "ALGORITHMS",
     "Algorithm",
+    "OptimizerFactory",
     "Params",
+    "Stage",
+    "StageContext",
+    "StepContext",
+    "StepOutput",
     "TrainInfo",
     "build_algorithm",
+    "env_members",
     "group_ids",
     "params_from_dict",
     "per_sample_ce",
     "register",
+    "require_train_envs",
 ]
-

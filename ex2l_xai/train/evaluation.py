@@ -1,0 +1,100 @@
+"""Evaluation: predictions over a split, DESIGN.md's metrics dict ``M``, and the evaluation of a trained
+algorithm on every evaluation split in one function (what the trainer calls after an evaluated epoch)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from ex2l_xai.algorithms import Algorithm
+from ex2l_xai.config import Config
+from ex2l_xai.data import get_dataset
+from ex2l_xai.metrics import group_metrics
+from ex2l_xai.train.builders import dataset_kwargs, resolve_device
+from ex2l_xai.train.loaders import eval_loader
+from ex2l_xai.train.rundir import load_run
+
+__all__ = ["Predictor", "evaluate", "evaluate_algorithm", "predict_split", "split_metrics"]
+
+
+@torch.no_grad()
+def predict_split(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, np.ndarray]:
+    """Predicted labels, labels and confounders over a loader (``model(x)`` returns label logits or an output
+    whose first entry is); the model's train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    preds, labels, confs = [], [], []
+    try:
+        for batch in loader:
+            out = model(batch["image"].to(device))
+            logits = out if isinstance(out, Tensor) else out[0]
+            preds.append(logits.argmax(1).cpu())
+            labels.append(batch["label"])
+            confs.append(batch["confounder"])
+    finally:
+        model.train(was_training)
+    return {
+        "pred": torch.cat(preds).numpy(),
+        "label": torch.cat(labels).numpy(),
+        "confounder": torch.cat(confs).numpy(),
+    }
+
+
+def split_metrics(model: nn.Module, loader: DataLoader, dataset: Any, device: torch.device) -> dict[str, Any]:
+    """DESIGN.md's metrics dict ``M`` of ``model`` over ``loader`` (samples of ``dataset``)."""
+    p = predict_split(model, loader, device)
+    groups = p["label"] * dataset.n_confounders + p["confounder"]
+    return group_metrics(p["pred"], p["label"], groups, dataset.groups)
+
+
+class Predictor(nn.Module):
+    """``algorithm.predict`` as a module, for :func:`predict_split`."""
+
+    def __init__(self, algorithm: Algorithm) -> None:
+        super().__init__()
+        self.algorithm = algorithm
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.algorithm.predict(x)
+
+
+def evaluate_algorithm(
+    algorithm: Algorithm,
+    config: Config,
+    datasets: dict[str, Any],
+    splits: Sequence[str],
+    device: torch.device,
+    loaders: dict[str, DataLoader] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Metrics dict of ``algorithm`` on each of ``splits``, on the samples it did not fit on
+    (:meth:`~ex2l_xai.algorithms.Algorithm.evaluation_subset`); ``loaders`` are reused for whole splits."""
+    predictor = Predictor(algorithm)
+    out = {}
+    for split in splits:
+        subset = algorithm.evaluation_subset(split)
+        if subset is None and loaders is not None and split in loaders:
+            loader = loaders[split]
+        else:
+            loader = eval_loader(config, datasets[split], device=device, indices=subset)
+        out[split] = split_metrics(predictor, loader, datasets[split], device)
+    return out
+
+
+def evaluate(
+    run_dir: str | os.PathLike[str], split: str = "test", *, device: str = "auto", batch_size: int | None = None
+) -> dict[str, Any]:
+    """Metrics dict ``M`` of a run's selected model (``best.pt``) on ``split`` of its dataset (on the samples
+    its results were taken on, where the algorithm fitted on part of the split: DFR's ``val``)."""
+    dev = resolve_device(device)
+    model, config, payload = load_run(run_dir, dev)
+    dataset = get_dataset(config.data.name, split, **dataset_kwargs(config))
+    if batch_size is not None:
+        config.data.eval_batch_size = batch_size
+    subset = payload.get("evaluation_subsets", {}).get(split)
+    return split_metrics(model, eval_loader(config, dataset, device=dev, indices=subset), dataset, dev)

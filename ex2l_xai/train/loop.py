@@ -1,0 +1,357 @@
+"""The training loop: the run's stages, epochs, optimiser steps, evaluation, model selection, checkpoints and
+resume. Everything algorithm-specific comes through the hooks of :class:`~ex2l_xai.algorithms.Algorithm`.
+
+The pieces a distributed run replaces are each in one place: the loaders (:mod:`ex2l_xai.train.loaders`),
+:func:`optimizer_step` (backward, clipping and every optimiser's step), and :func:`evaluate_algorithm`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ex2l_xai.algorithms import Algorithm, Stage, StageContext, StepContext, StepOutput
+from ex2l_xai.config import Config, dump_config
+from ex2l_xai.errors import Ex2lError, TrainingError
+from ex2l_xai.fileio import append_line, atomic_save, atomic_write, atomic_write_json
+from ex2l_xai.train.builders import (
+    EVAL_SPLITS,
+    build_datasets,
+    build_model,
+    build_optimizer,
+    build_run_algorithm,
+    build_scheduler,
+    resolve_device,
+    seed_everything,
+)
+from ex2l_xai.train.evaluation import evaluate_algorithm
+from ex2l_xai.train.loaders import eval_loader, to_device, train_loader
+from ex2l_xai.train.rng import rng_state, seed_epoch, set_rng_state
+from ex2l_xai.train.rundir import (
+    best_payload,
+    check_same_config,
+    results_of,
+    selection_score,
+    summary_line,
+    truncate_metrics,
+)
+
+log = logging.getLogger("ex2l_xai.train")
+
+__all__ = ["check_stages", "optimizer_step", "train"]
+
+STAGE_KINDS = ("train", "fit")
+
+
+def train(config: Config, out_dir: str | os.PathLike[str], *, quiet: bool = False) -> dict[str, Any]:
+    """Train ``config`` into the run folder ``out_dir`` and return its ``results.json`` as a dict.
+
+    A folder with ``done`` is skipped (its results are returned); a folder with ``checkpoint.pt`` is resumed.
+    Both require the folder's ``config.yaml`` to match ``config`` (``train.quiet`` and ``train.device`` aside).
+
+    Parameters
+    ----------
+    config : Config
+        The configuration (see :func:`ex2l_xai.config.load_config`).
+    out_dir : path
+        The run folder (created if missing).
+    quiet : bool
+        No progress bars; per-epoch summaries at DEBUG instead of INFO level.
+
+    Raises
+    ------
+    TrainingError
+        On a non-finite loss (the last good checkpoint is kept), or a folder started with another config.
+    ConfigError
+        When the algorithm cannot train on the data (e.g. an environment-based method with one environment).
+    """
+    out = Path(out_dir)
+    quiet = quiet or config.train.quiet
+    level = logging.DEBUG if quiet else logging.INFO
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_file = out / "config.yaml"
+    if cfg_file.exists():
+        check_same_config(cfg_file, config)
+    if (out / "done").exists():
+        try:
+            results = json.loads((out / "results.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise TrainingError(f"{out}: marked done but results.json is unreadable ({exc})") from exc
+        log.log(level, "%s: already done, skipped (%s)", out, config.algorithm_name)
+        return results
+    atomic_write(cfg_file, dump_config(config))
+
+    device = resolve_device(config.train.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = config.train.deterministic
+        torch.backends.cudnn.benchmark = not config.train.deterministic
+    seed_everything(config.seed)
+    datasets = build_datasets(config)
+    algorithm = build_run_algorithm(config, datasets["train"], device)
+    return _Run(config, out, algorithm, datasets, device, quiet).run()
+
+
+def check_stages(name: str, stages: list[Stage]) -> None:
+    """TrainingError for stages the trainer cannot run: none, a repeated name, an unknown kind, fewer than one
+    epoch, or a last stage that is not selectable (the run's model must come from it)."""
+    if not stages:
+        raise TrainingError(f"algorithm {name}: stages() returned no stage")
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise TrainingError(f"algorithm {name}: stage names must be unique, got {names}")
+    for s in stages:
+        if s.kind not in STAGE_KINDS:
+            raise TrainingError(f"algorithm {name}: stage {s.name!r} has kind {s.kind!r}; expected one of {STAGE_KINDS}")
+        if s.epochs < 1 or (s.kind == "fit" and s.epochs != 1):
+            raise TrainingError(f"algorithm {name}: stage {s.name!r} has {s.epochs} epochs; expected >= 1 (fit: 1)")
+    if not stages[-1].selectable:
+        raise TrainingError(f"algorithm {name}: the last stage ({stages[-1].name!r}) must be selectable")
+
+
+def optimizer_step(out: StepOutput, optimizers: dict[str, torch.optim.Optimizer], grad_clip: float) -> None:
+    """The one place where the loss is backpropagated and optimisers step: the states named in ``out.reset``
+    are cleared, every gradient is zeroed, then each optimiser in ``out.optimizers`` clips (``grad_clip`` > 0)
+    and steps."""
+    unknown = [n for n in (*out.optimizers, *out.reset) if n not in optimizers]
+    if unknown:
+        raise TrainingError(f"the step names optimiser {unknown[0]!r}; this stage has {sorted(optimizers)}")
+    for name in out.reset:
+        optimizers[name].state.clear()
+    for opt in optimizers.values():
+        opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    for name in out.optimizers:
+        opt = optimizers[name]
+        if grad_clip > 0:
+            nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
+        opt.step()
+
+
+def _check_optimizers(name: str, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+    seen: dict[int, str] = {}
+    for opt_name, opt in optimizers.items():
+        for p in (p for g in opt.param_groups for p in g["params"]):
+            if id(p) in seen:
+                raise TrainingError(f"algorithm {name}: a parameter is in two optimisers ({seen[id(p)]}, {opt_name})")
+            seen[id(p)] = opt_name
+            if opt_name != "model" and not p.requires_grad:
+                raise TrainingError(
+                    f"algorithm {name}: optimiser {opt_name!r} holds a frozen parameter (requires_grad=False)"
+                )
+
+
+class _Run:
+    """One call of :func:`train`: the state that lives across stages and epochs."""
+
+    def __init__(
+        self,
+        config: Config,
+        out: Path,
+        algorithm: Algorithm,
+        datasets: dict[str, Any],
+        device: torch.device,
+        quiet: bool,
+    ) -> None:
+        self.config, self.out, self.algorithm, self.datasets, self.device = config, out, algorithm, datasets, device
+        self.quiet = quiet
+        self.level = logging.DEBUG if quiet else logging.INFO
+        self.name = config.algorithm_name
+        self.seed = config.seed
+        self.stages = algorithm.stages()
+        check_stages(self.name, self.stages)
+        self.total = sum(s.epochs for s in self.stages)
+        self.eval_splits = [s for s in EVAL_SPLITS if s in datasets]
+        self.eval_loaders = {s: eval_loader(config, datasets[s], device=device) for s in self.eval_splits}
+        self.ckpt_file, self.metrics_file, self.best_file = out / "checkpoint.pt", out / "metrics.jsonl", out / "best.pt"
+        self.step, self.elapsed = 0, 0.0
+        self.best: dict[str, Any] | None = None  # {"epoch", "score", "record"}
+        self.show_bar = not quiet and sys.stderr.isatty()
+
+    # ---- stage helpers ------------------------------------------------------------------------------------
+    def _fresh_model(self) -> nn.Module:
+        train_set = self.datasets["train"]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            model = build_model(self.config, train_set.n_labels, train_set.n_confounders)
+        return model.to(self.device)
+
+    def _stage_context(self) -> StageContext:
+        return StageContext(
+            datasets=self.datasets,
+            device=self.device,
+            seed=self.seed,
+            eval_loader=lambda split: eval_loader(self.config, self.datasets[split], device=self.device),
+            fresh_model=self._fresh_model,
+        )
+
+    def _optimizers(self, stage: Stage) -> dict[str, torch.optim.Optimizer]:
+        optimizers = self.algorithm.configure_optimizers(partial(build_optimizer, self.config), stage)
+        if "model" not in optimizers:
+            raise TrainingError(f"algorithm {self.name}: configure_optimizers() returned no 'model' optimiser")
+        _check_optimizers(self.name, optimizers)
+        return optimizers
+
+    # ---- resume -------------------------------------------------------------------------------------------
+    def _load_checkpoint(self) -> dict[str, Any] | None:
+        if not self.ckpt_file.exists():
+            self.metrics_file.unlink(missing_ok=True)
+            self.best_file.unlink(missing_ok=True)
+            return None
+        try:
+            ckpt = torch.load(self.ckpt_file, map_location="cpu", weights_only=True)  # RNG states stay on the CPU
+            self.algorithm.load_state_dict(ckpt["algorithm"])
+        except Ex2lError:
+            raise
+        except Exception as exc:
+            raise TrainingError(
+                f"{self.ckpt_file}: cannot resume from this checkpoint ({exc}); delete it to restart"
+            ) from exc
+        set_rng_state(ckpt["rng"])
+        self.step, self.elapsed, self.best = ckpt["step"], ckpt["elapsed"], ckpt["best"]
+        truncate_metrics(self.metrics_file, ckpt["epoch"])
+        log.log(self.level, "%s: resuming %s after epoch %d", self.out, self.name, ckpt["epoch"])
+        return ckpt
+
+    def _restore_optimizers(self, ckpt: dict[str, Any], optimizers: dict, schedulers: dict) -> None:
+        try:
+            for name in optimizers:
+                opt_state = ckpt["optimizer"] if name == "model" else ckpt["optimizers"][name]
+                sched_state = ckpt["scheduler"] if name == "model" else ckpt["schedulers"][name]
+                optimizers[name].load_state_dict(opt_state)
+                schedulers[name].load_state_dict(sched_state)
+        except Exception as exc:
+            raise TrainingError(
+                f"{self.ckpt_file}: cannot resume from this checkpoint ({exc}); delete it to restart"
+            ) from exc
+
+    # ---- the run ------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        ckpt = self._load_checkpoint()
+        first_epoch = ckpt["epoch"] if ckpt is not None else 0
+        start = 0
+        for stage in self.stages:
+            end = start + stage.epochs
+            if end > first_epoch:
+                self._run_stage(stage, start, first_epoch, ckpt if first_epoch > start else None)
+            start = end
+        assert self.best is not None  # the last stage is selectable and its last epoch always evaluated
+        results = results_of(self.config, self.best, self.total, self.elapsed)
+        atomic_write_json(self.out / "results.json", results)
+        (self.out / "done").touch()
+        log.log(self.level, "%s: done in %.1f s (selected epoch %d)", self.out, self.elapsed, self.best["epoch"])
+        return results
+
+    def _run_stage(self, stage: Stage, start: int, first_epoch: int, resume_from: dict[str, Any] | None) -> None:
+        """Epochs ``max(start, first_epoch)`` .. ``start + stage.epochs - 1``; ``resume_from`` is the checkpoint
+        when the run resumes inside this stage (then its start hook is not called again)."""
+        ctx = self._stage_context()
+        if resume_from is None:
+            self.algorithm.on_stage_start(stage, ctx)
+        optimizers: dict[str, torch.optim.Optimizer] = {}
+        schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
+        if stage.kind == "train":
+            optimizers = self._optimizers(stage)
+            schedulers = {n: build_scheduler(self.config, o, stage.epochs) for n, o in optimizers.items()}
+            if resume_from is not None:
+                self._restore_optimizers(resume_from, optimizers, schedulers)
+        for epoch in range(max(start, first_epoch), start + stage.epochs):
+            t0 = time.time()
+            seed_epoch(self.seed, epoch)
+            if stage.kind == "train":
+                lr, losses = self._train_epoch(stage, epoch, epoch - start, optimizers)
+                for s in schedulers.values():
+                    s.step()
+            else:
+                lr, losses = float("nan"), {k: float(v) for k, v in self.algorithm.fit(stage, ctx).items()}
+            stats = {k: float(v) for k, v in self.algorithm.epoch_stats().items()}
+            done_epoch = epoch + 1
+            last_of_stage = done_epoch == start + stage.epochs
+            if done_epoch % self.config.train.eval_every == 0 or last_of_stage or stage.kind == "fit":
+                self._evaluate(stage, done_epoch, lr, losses, stats, t0)
+            self.elapsed += time.time() - t0
+            self._checkpoint(done_epoch, optimizers, schedulers)
+
+    def _train_epoch(
+        self, stage: Stage, epoch: int, stage_epoch: int, optimizers: dict[str, torch.optim.Optimizer]
+    ) -> tuple[float, dict[str, float]]:
+        train_set = self.datasets["train"]
+        indices = self.algorithm.train_indices(stage, train_set)
+        loader = train_loader(self.config, train_set, seed=self.seed * 1000 + epoch, device=self.device,
+                              indices=indices)
+        lr = optimizers["model"].param_groups[0]["lr"]
+        self.algorithm.train()
+        sums: dict[str, float] = {}
+        n_batches = 0
+        label = f"{self.name}{f' [{stage.name}]' if len(self.stages) > 1 else ''}"
+        bar = tqdm(loader, desc=f"{label} epoch {epoch + 1}/{self.total}", disable=not self.show_bar, leave=False)
+        for batch in bar:
+            batch = to_device(batch, self.device)
+            out = self.algorithm.training_step(batch, StepContext(stage_epoch, self.step, stage))
+            if not torch.isfinite(out.loss.detach()):
+                kept_msg = (
+                    f"the last good checkpoint (epoch {epoch}) is kept in {self.ckpt_file}"
+                    if self.ckpt_file.exists()
+                    else "no checkpoint was written yet"
+                )
+                raise TrainingError(
+                    f"non-finite loss ({float(out.loss.detach())}) at epoch {epoch + 1}, step {self.step + 1} "
+                    f"(batch {n_batches + 1}) of {self.out}; training stopped, {kept_msg}; try a lower optim.lr "
+                    "or train.grad_clip"
+                )
+            optimizer_step(out, optimizers, self.config.train.grad_clip)
+            self.step += 1
+            n_batches += 1
+            for k, v in out.parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            if self.show_bar:
+                bar.set_postfix(loss=f"{out.parts.get('loss', float(out.loss.detach())):.3f}")
+        bar.close()
+        return lr, {k: v / max(1, n_batches) for k, v in sums.items()}
+
+    def _evaluate(
+        self, stage: Stage, done_epoch: int, lr: float, losses: dict[str, float], stats: dict[str, float], t0: float
+    ) -> None:
+        record: dict[str, Any] = {"epoch": done_epoch, "step": self.step, "lr": lr, "loss": losses, "stats": stats}
+        if len(self.stages) > 1:
+            record["stage"] = stage.name
+        record.update(evaluate_algorithm(self.algorithm, self.config, self.datasets, self.eval_splits, self.device,
+                                         self.eval_loaders))
+        if stage.selectable:
+            score = selection_score(self.config, record)
+            if self.best is None or score > self.best["score"]:
+                self.best = {"epoch": done_epoch, "score": score, "record": record}
+                subsets = {s: [int(i) for i in sub] for s in self.eval_splits
+                           if (sub := self.algorithm.evaluation_subset(s)) is not None}
+                payload = best_payload(self.config, self.algorithm.model, self.datasets["train"], self.best, subsets)
+                atomic_save(self.best_file, partial(torch.save, payload))
+        record["seconds"] = time.time() - t0
+        append_line(self.metrics_file, record)
+        log.log(self.level, "%s", summary_line(self.name, done_epoch, self.total, record))
+
+    def _checkpoint(self, done_epoch: int, optimizers: dict, schedulers: dict) -> None:
+        checkpoint: dict[str, Any] = {
+            "epoch": done_epoch,
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "algorithm": self.algorithm.state_dict(),
+        }
+        if "model" in optimizers:
+            checkpoint["optimizer"] = optimizers["model"].state_dict()
+            checkpoint["scheduler"] = schedulers["model"].state_dict()
+        others = [n for n in optimizers if n != "model"]
+        if others:
+            checkpoint["optimizers"] = {n: optimizers[n].state_dict() for n in others}
+            checkpoint["schedulers"] = {n: schedulers[n].state_dict() for n in others}
+        checkpoint["rng"] = rng_state()
+        checkpoint["best"] = self.best
+        atomic_save(self.ckpt_file, partial(torch.save, checkpoint))
