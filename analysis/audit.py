@@ -13,7 +13,13 @@ and CAMs on a seeded, group-stratified subsample of the split, and computes
 * localisation: :func:`analysis.localization.localization_summary` of the label CAM at y (mass in the object mask
   and pointing game where masks exist, overlap with the confounder CAM where there is a confounder head, share of
   all-zero CAMs);
-* the accuracy metrics of the run's ``results.json`` for the split (a plain model: computed on the subsample).
+* the accuracy metrics of the run's ``results.json`` for the split (a plain model: computed on the subsample);
+* ``interventions``: :func:`analysis.interventions.interventions` (background swaps: only-foreground,
+  only-background, mixed-same, mixed-rand, BG-gap, flip rate) on a subsample of ``intervention_samples`` images,
+  where the data allow it (the synthetic benchmark, or masks); "own-class" backgrounds are those of the run's
+  train split (a plain model: ``AuditTarget.prior`` / ``reference_dataset``, else the audited data);
+* ``cam_sanity``: :func:`analysis.sanity.cam_sanity` (cascading randomisation of the label CAMs) on
+  ``sanity_samples`` images in ``sanity_steps`` steps, with its verdict.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from torch import nn
 
 from analysis.extract import Extraction, extract, random_copy
 from ex2l_xai.errors import Ex2lError
+from ex2l_xai.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +65,13 @@ class AuditTarget:
 
     ``env_dataset`` optionally gives a dataset with several environments for the MMD/UMAP analysis when
     ``dataset`` has only one; ``metrics`` optionally gives DESIGN.md's metrics dict ``M`` to report.
+    ``confounders`` / ``envs`` give one integer per sample of a plain ``(image, label)`` dataset
+    (:class:`analysis.datasets.AuditDataset`). ``prior`` (an n_labels x n_confounders array of
+    P(background | label)) or ``reference_dataset`` (its ``labels`` and ``confounders``: the training data) say
+    which backgrounds are a class's own in the background swaps. ``segmentations``: for a Waterbirds run, the
+    CUB-200-2011 ``segmentations/`` folder (object masks: :func:`analysis.datasets.waterbirds_masks`).
+    ``info`` is reported as is (how a model trained elsewhere was loaded: ``kind``, ``weights``,
+    ``normalization``).
     """
 
     model: nn.Module | str | os.PathLike[str]
@@ -68,6 +82,12 @@ class AuditTarget:
     latent_fn: Any = None
     env_dataset: Any = None
     metrics: dict[str, Any] | None = None
+    confounders: Any = None
+    envs: Any = None
+    prior: Any = None
+    reference_dataset: Any = None
+    segmentations: str | os.PathLike[str] | None = None
+    info: dict[str, Any] | None = None
 
 
 @dataclass
@@ -81,6 +101,8 @@ class ModelAudit:
     dataset: Any
     dataset_key: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    interventions: Any = None
+    sanity: Any = None
 
 
 def jsonable(obj: Any) -> Any:
@@ -188,6 +210,7 @@ class Prepared:
     config: Any = None
     results: dict[str, Any] | None = None
     entry: dict[str, Any] = field(default_factory=dict)
+    model: nn.Module | None = None
 
 
 def prepare(
@@ -208,22 +231,30 @@ def prepare(
     """Extract one model on ``split`` (seeded, group-stratified subsample of ``max_samples``) and, with ``env``,
     build the set the environment analysis uses (the split itself when it holds several environments, else
     the run's ``val`` split + the split, every environment capped at the median environment size)."""
+    from analysis.datasets import as_audit_dataset, waterbirds_masks
+    from analysis.extract import PRETTY
+
     cache = dataset_cache if dataset_cache is not None else {}
     target = item if isinstance(item, AuditTarget) else AuditTarget(model=item, dataset=dataset, layer=layer)
     if not _is_run(target.model) and target.dataset is None:
         raise Ex2lError(f"audit: model {target.name or type(target.model).__name__} needs a dataset (dataset=...)")
     entry: dict[str, Any] = {"name": target.name}
     results, config = None, None
+    common = {"seed": seed, "device": device, "batch_size": batch_size}
     if _is_run(target.model):
-        from ex2l_xai.train import load_run_config
+        from ex2l_xai.train import load_run_config, load_run_model
 
         run = Path(target.model)
         if not (run / "best.pt").is_file():
             raise Ex2lError(f"audit: {run} is not a finished run folder (no best.pt); train it with `ex2l train`")
         config = load_run_config(run)
         ds, key = _run_dataset(config, split, cache)
-        ext = extract(run, ds, max_samples=max_samples, seed=seed, device=device, batch_size=batch_size,
-                      name=target.name, cams=cams)
+        if target.segmentations is not None:
+            ds, key = waterbirds_masks(ds, target.segmentations), f"{key}+masks:{target.segmentations}"
+        model, _ = load_run_model(run, device or "cpu")
+        name = target.name or PRETTY.get(config.algorithm_name.lower(), config.algorithm_name)
+        ext = extract(model, ds, max_samples=max_samples, name=name, cams=cams, **common)
+        ext.meta.update(run=str(run), algorithm=config.algorithm_name, dataset=config.data.name, split=split)
         results = load_results(run)
         entry.update(
             name=ext.name, source=str(run), algorithm=config.algorithm_name, dataset=config.data.name,
@@ -232,24 +263,21 @@ def prepare(
     else:
         model = target.model
         assert isinstance(model, nn.Module)
-        ds, key = target.dataset, f"object:{id(target.dataset)}"
+        ds = as_audit_dataset(target.dataset, confounders=target.confounders, envs=target.envs)
+        key = f"object:{id(target.dataset)}"
         ext = extract(model, ds, layer=target.layer, forward_fn=target.forward_fn, latent_fn=target.latent_fn,
-                      max_samples=max_samples, seed=seed, device=device, batch_size=batch_size, name=target.name,
-                      cams=cams)
-        entry.update(name=ext.name, source=f"python object {type(model).__name__}", algorithm=None,
-                     dataset=getattr(ds, "name", type(ds).__name__))
+                      max_samples=max_samples, name=target.name, cams=cams, **common)
+        info = target.info or {}
+        entry.update(name=ext.name, source=info.get("source") or f"python object {type(model).__name__}",
+                     algorithm=None, dataset=getattr(ds, "name", None) or type(target.dataset).__name__,
+                     normalization=info.get("normalization"), model_info=info or None)
     env_ext, env_note = ext, f"{split} split"
     if env and len(np.unique(ext.envs)) < 2:
         extra = None
         n_env = env_max_samples or max_samples
         if target.env_dataset is not None:
-            if _is_run(target.model):
-                extra = extract(Path(target.model), target.env_dataset, max_samples=n_env, seed=seed,
-                                device=device, cams=False, batch_size=batch_size)
-            else:
-                extra = extract(target.model, target.env_dataset, layer=target.layer, forward_fn=target.forward_fn,
-                                latent_fn=target.latent_fn, max_samples=n_env, seed=seed, device=device,
-                                cams=False, batch_size=batch_size)
+            extra = extract(model, target.env_dataset, layer=target.layer, forward_fn=target.forward_fn,
+                            latent_fn=target.latent_fn, max_samples=n_env, cams=False, **common)
             env_note = f"env_dataset + {split} split"
         elif config is not None and split != "val":
             try:
@@ -258,13 +286,12 @@ def prepare(
                 log.warning("audit: %s has a single environment and no val split to add (%s)", split, exc)
                 vds = None
             if vds is not None:
-                extra = extract(Path(target.model), vds, max_samples=n_env, seed=seed, device=device, cams=False,
-                                batch_size=batch_size)
+                extra = extract(model, vds, max_samples=n_env, cams=False, **common)
                 env_note = f"val + {split} splits (the {split} split has a single environment)"
         if extra is not None:
             env_ext = _balanced_env_subset(Extraction.concat([extra, ext], name=ext.name), seed)
     return Prepared(target=target, extraction=ext, env_extraction=env_ext, env_note=env_note, dataset=ds,
-                    dataset_key=key, config=config, results=results, entry=entry)
+                    dataset_key=key, config=config, results=results, entry=entry, model=model)
 
 
 def audit_one(
@@ -280,11 +307,16 @@ def audit_one(
     dataset_cache: dict[str, Any] | None = None,
     dataset: Any = None,
     layer: Any = None,
+    intervention_samples: int | None = 240,
+    sanity_samples: int | None = 32,
+    sanity_steps: int = 5,
 ) -> ModelAudit:
     """Audit one model (see the module docstring); returns its :class:`ModelAudit`.
 
     ``dataset`` / ``layer`` apply to a plain ``nn.Module`` item (an :class:`AuditTarget` carries its own).
     ``env_max_samples`` caps the extra ``val`` extraction of a single-environment split (default: max_samples).
+    ``intervention_samples`` / ``sanity_samples``: images for the background swaps and the CAM sanity check
+    (0 or None: skip that check); ``sanity_steps``: its cascade steps.
     """
     from threadpoolctl import threadpool_limits
 
@@ -342,6 +374,36 @@ def audit_one(
     )
     timings["localization"] = time.time() - t
 
+    model = prep.model
+    assert model is not None
+    t = time.time()
+    ivr = None
+    if intervention_samples:
+        ivr = _interventions(prep, model, intervention_samples, seed, device, batch_size, dataset_cache)
+        entry["interventions"] = ivr.summary
+    else:
+        entry["interventions"] = {"available": False, "reason": "skipped (intervention_samples=0)"}
+    entry["bg_gap"] = entry["interventions"].get("bg_gap")
+    timings["interventions"] = time.time() - t
+    t = time.time()
+    sanity = None
+    if not sanity_samples:
+        entry["cam_sanity"] = {"available": False, "reason": "skipped (sanity_samples=0)"}
+    elif target.forward_fn is not None:
+        entry["cam_sanity"] = {"available": False, "reason": "not run for a model with a custom forward_fn"}
+    else:
+        from analysis.sanity import cam_sanity
+
+        layer_spec = None if prep.config is not None else target.layer
+        try:
+            sanity = cam_sanity(model, ds, layer=layer_spec, max_samples=sanity_samples, steps=sanity_steps,
+                                seed=seed, device=device)
+            entry["cam_sanity"] = {"available": True, **sanity.summary}
+        except Ex2lError as exc:
+            entry["cam_sanity"] = {"available": False, "reason": str(exc)}
+    entry["cam_sanity_passes"] = entry["cam_sanity"].get("passes")
+    timings["cam_sanity"] = time.time() - t
+
     sample = _sample_metrics(ext)
     metrics = target.metrics
     source = "given"
@@ -358,7 +420,37 @@ def audit_one(
     timings["total"] = time.time() - t0
     entry["seconds"] = timings
     return ModelAudit(entry=entry, extraction=ext, env_extraction=env_ext, dataset=ds, dataset_key=prep.dataset_key,
-                      timings=timings)
+                      timings=timings, interventions=ivr, sanity=sanity)
+
+
+def _interventions(prep: Prepared, model: nn.Module, n: int, seed: int, device: str | None, batch_size: int,
+                   cache: dict[str, Any] | None) -> Any:
+    """The background swaps of one model, with the run's train split (or the target's prior) as "own class"."""
+    from analysis.interventions import InterventionResult, background_prior, interventions
+
+    target, ds = prep.target, prep.dataset
+    prior, source = None, "the audited data"
+    n_labels, n_conf = len(prep.extraction.label_names), len(prep.extraction.confounder_names)
+    if target.prior is not None:
+        prior, source = np.asarray(target.prior, dtype=np.float64), "given"
+    elif target.reference_dataset is not None or prep.config is not None:
+        ref = target.reference_dataset
+        if ref is None:
+            try:
+                ref, _ = _run_dataset(prep.config, "train", cache if cache is not None else {})
+            except Ex2lError as exc:
+                log.warning("audit: no train split for the background prior (%s); using the audited data", exc)
+        if ref is not None:
+            prior = background_prior(ref.labels, ref.confounders, n_labels, n_conf)
+            source = "the run's train split" if target.reference_dataset is None else "reference_dataset"
+    try:
+        res = interventions(model, ds, max_samples=n, prior=prior, seed=seed, device=device,
+                            batch_size=min(batch_size, 64), forward_fn=target.forward_fn)
+    except Ex2lError as exc:
+        return InterventionResult({"available": False, "reason": str(exc)})
+    if res.summary.get("available"):
+        res.summary["prior_source"] = source
+    return res
 
 
 def _same_path(model: nn.Module, clone: nn.Module, spec: Any) -> Any:
@@ -463,7 +555,7 @@ def paper_figures(
     written: dict[str, Path] = {}
     if "table" in which:
         path = out / "table_results.md"
-        _write_text(path, markdown_table(results_table(run_dirs, split), split))
+        atomic_write(path, markdown_table(results_table(run_dirs, split), split))
         written["table"] = path
     figs = [w for w in which if w != "table"]
     if not figs:
@@ -494,9 +586,3 @@ def paper_figures(
             embedding_figure(envs, embs, path, colour_by=("env",), mmd=mmds, seed=seed, dpi=dpi)
             written["fig3"] = path
     return written
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

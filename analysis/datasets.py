@@ -163,8 +163,8 @@ def require_fields(dataset: Any, fields: Sequence[str] = FIELDS) -> None:
     sample = dataset[0]
     if not isinstance(sample, dict):
         raise Ex2lError(
-            f"dataset: its samples are {type(sample).__name__}s, not dicts with the fields {', '.join(FIELDS)}; "
-            f"for (image, label) samples {_HOW['confounder']}"
+            f"dataset: its samples are {type(sample).__name__}s such as (image, label), which lack the field "
+            f"'confounder' (the audit reads dicts with {', '.join(FIELDS)}); {_HOW['confounder']}"
         )
     for f in fields:
         if f not in sample:

@@ -22,7 +22,7 @@ from ex2l_xai.errors import Ex2lError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IMAGENET", "Normalized", "load_model", "normalization_for", "parse_normalization"]
+__all__ = ["IMAGENET", "Normalized", "external_targets", "load_model", "normalization_for", "parse_normalization"]
 
 IMAGENET: tuple[tuple[float, float, float], tuple[float, float, float]] = (
     (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -186,3 +186,61 @@ def load_model(spec: str, weights: str | os.PathLike[str] | None = None, *, num_
     info = {"kind": kind, "name": name, "weights": str(weights) if weights is not None else None,
             "normalization": None if stats is None else {"mean": list(stats[0]), "std": list(stats[1])}}
     return model, info
+
+
+def external_targets(
+    specs: Sequence[str],
+    weights: Sequence[str] = (),
+    *,
+    data: str | os.PathLike[str],
+    csv: str | os.PathLike[str] | None = None,
+    names: Sequence[str] = (),
+    split: str | None = None,
+    image_size: int = 224,
+    normalize: str = "auto",
+    layer: str | None = None,
+    num_classes: int | None = None,
+    device: str | torch.device = "cpu",
+) -> list[Any]:
+    """:class:`~analysis.audit.AuditTarget` objects for models trained elsewhere on a folder of images + CSV (what
+    ``ex2l audit --model ... --data ...`` audits).
+
+    ``specs[i]`` is loaded by :func:`load_model`; the torchvision and timm specs take the ``weights`` files in
+    order (a TorchScript file takes none). ``data``/``csv``/``split``/``image_size`` build one
+    :class:`analysis.datasets.FolderDataset` shared by every model (``split`` None: the CSV's ``test`` rows when it
+    has a ``split`` column, else every row). ``layer``: the CAM layer's module path (default: found per model).
+    """
+    from analysis.audit import AuditTarget
+    from analysis.datasets import FolderDataset
+
+    if not specs:
+        raise Ex2lError("--model: expected at least one model")
+    if names and len(names) != len(specs):
+        raise Ex2lError(f"--name: {len(names)} names for {len(specs)} models (give one per --model)")
+    if split is None:
+        from ex2l_xai.data.base import read_csv
+
+        path = Path(csv).expanduser() if csv is not None else Path(data).expanduser() / "metadata.csv"
+        if not path.is_absolute() and not path.exists():
+            path = Path(data).expanduser() / path
+        cols = read_csv(path, ["path"], "columns path, [label,] confounder[, env][, mask][, split]").columns
+        split = "test" if "split" in cols else "all"
+    dataset = FolderDataset(data, csv, split=split, image_size=image_size)
+    n_classes = num_classes or dataset.n_labels
+    queue = list(weights)
+    targets = []
+    for i, spec in enumerate(specs):
+        kind = spec.partition(":")[0] if ":" in spec else ("torchscript" if Path(spec).is_file() else "torchvision")
+        w = None
+        if kind in ("torchvision", "timm"):
+            if not queue:
+                raise Ex2lError(f"--model {spec}: no --weights left for it (give one --weights per torchvision or "
+                                "timm model, in the same order)")
+            w = queue.pop(0)
+        model, info = load_model(spec, w, num_classes=n_classes, normalize=normalize, device=device)
+        info["source"] = f"{spec}" + (f" + {w}" if w else "")
+        name = names[i] if names else (Path(spec).stem if kind == "torchscript" else spec.partition(":")[2] or spec)
+        targets.append(AuditTarget(model=model, name=name, dataset=dataset, layer=layer, info=info))
+    if queue:
+        raise Ex2lError(f"--weights: {len(queue)} more file(s) than torchvision/timm models ({', '.join(queue)})")
+    return targets

@@ -179,14 +179,48 @@ def _format_table(rows: list[dict[str, Any]], title: str = "") -> str:
 # ---- audit and figures (the analysis layer) ------------------------------------------------------------------
 @command
 def _add_audit(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("audit", help="audit runs for spurious reliance: report.html, audit.json and figures/")
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders written by `ex2l train` (the first is the "
-                   "reference of the gaming warnings, e.g. ERM)")
+    p = sub.add_parser(
+        "audit", help="audit runs, or models trained elsewhere, for spurious reliance: report.html, audit.json, "
+        "figures/",
+        description="Audit run folders (RUN ...) and/or models trained elsewhere (--model ... --data DIR): "
+        "accuracy per group, background swaps, Grad-CAMs and their sanity check, latent space, leakage probes.")
+    p.add_argument("runs", nargs="*", metavar="RUN", help="run folders written by `ex2l train` (the first model is "
+                   "the reference of the gaming warnings, e.g. ERM)")
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--split", default="test", help="split of the runs' dataset to audit (default test)")
+    g = p.add_argument_group("models trained elsewhere (repeat --model to compare several)")
+    g.add_argument("--model", action="append", default=[], metavar="SPEC",
+                   help="torchvision:NAME or a torchvision name (resnet18), timm:NAME, or a TorchScript file "
+                   "(torchscript:PATH)")
+    g.add_argument("--weights", action="append", default=[], metavar="FILE",
+                   help="state dict (torch.save(model.state_dict())) of each torchvision/timm --model, in order")
+    g.add_argument("--name", action="append", default=[], metavar="NAME", help="display name of each --model")
+    g.add_argument("--data", metavar="DIR", help="the images: DIR/<class>/<image> (ImageFolder) or any folder "
+                   "with a CSV that has a label column")
+    g.add_argument("--csv", metavar="FILE", help="per image: path, [label,] confounder[, env][, mask][, split] "
+                   "(default DIR/metadata.csv)")
+    g.add_argument("--image-size", type=int, default=224, metavar="N", help="images are resized to N x N "
+                   "(default 224)")
+    g.add_argument("--normalize", default="auto", metavar="STATS",
+                   help="input normalisation the models expect (images are read in [0, 1]): auto (default: "
+                   "ImageNet's mean/std for torchvision models and TorchScript files, a timm model's own), "
+                   "imagenet, none, MEAN,STD or M1,M2,M3,S1,S2,S3")
+    g.add_argument("--layer", metavar="PATH", help="module path of the CAM layer (default: found automatically, "
+                   "e.g. layer4 of a ResNet)")
+    g.add_argument("--num-classes", type=int, metavar="N", help="model outputs (default: the data's labels)")
+    p.add_argument("--split", default=None,
+                   help="split to audit: of the runs' dataset (default test); of --data's CSV when it has a split "
+                   "column (default test; without one every row)")
+    p.add_argument("--segmentations", metavar="DIR", help="Waterbirds runs: CUB-200-2011's segmentations/ "
+                   "folder, as object masks (background swaps, CAM-in-object)")
     p.add_argument("--max-samples", type=int, default=2000, metavar="N",
                    help="seeded, group-stratified subsample of the split (default 2000; 0 = all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the subsample, probes and UMAP (default 0)")
+    p.add_argument("--interventions", type=int, default=240, metavar="N",
+                   help="images for the background swaps (default 240; 0 = skip)")
+    p.add_argument("--sanity-samples", type=int, default=32, metavar="N",
+                   help="images for the CAM sanity check (default 32; 0 = skip)")
+    p.add_argument("--sanity-steps", type=int, default=5, metavar="K", help="cascade steps of the sanity check "
+                   "(default 5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subsamples, probes and UMAP (default 0)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--rule", default="worst_groups", choices=("worst_groups", "disagreement", "random"),
                    help="how the Grad-CAM grid's rows are chosen (default worst_groups)")
@@ -195,21 +229,46 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_audit)
 
 
+def _audit_items(args: argparse.Namespace) -> list[Any]:
+    """The run folders and the models trained elsewhere that ``ex2l audit`` was given, as audit items."""
+    from analysis.audit import AuditTarget
+    from analysis.loading import external_targets
+
+    if not args.runs and not args.model:
+        raise Ex2lError("audit: give run folders (RUN ...) or models trained elsewhere (--model SPEC --data DIR)")
+    items: list[Any] = [AuditTarget(model=r, segmentations=args.segmentations) if args.segmentations else r
+                        for r in args.runs]
+    if args.model:
+        if not args.data:
+            raise Ex2lError("--model: needs --data DIR (the images to audit it on, with their CSV)")
+        items += external_targets(args.model, args.weights, data=args.data, csv=args.csv, names=args.name,
+                                  split=args.split, image_size=args.image_size, normalize=args.normalize,
+                                  layer=args.layer, num_classes=args.num_classes, device=args.device or "cpu")
+    elif args.weights or args.data or args.name:
+        raise Ex2lError("--weights/--data/--name: only with --model")
+    return items
+
+
 def _cmd_audit(args: argparse.Namespace) -> int:
     from analysis.report import audit
 
-    res = audit(args.runs, args.out, split=args.split, max_samples=args.max_samples or None, seed=args.seed,
-                device=args.device, rule=args.rule, n_rows=args.rows, quiet=args.quiet)
-    head = f"{'model':<16}{'avg acc':>9}{'WGA':>8}{'MMD_env':>10}{'leak(z)':>9}{'leak(logit)':>12}{'CAM in obj':>12}"
-    lines = [f"audit of {len(res['runs'])} run(s) on {args.split}", head, "-" * len(head)]
+    split = args.split or "test"
+    res = audit(_audit_items(args), args.out, split=split, max_samples=args.max_samples or None, seed=args.seed,
+                device=args.device, rule=args.rule, n_rows=args.rows, intervention_samples=args.interventions,
+                sanity_samples=args.sanity_samples, sanity_steps=args.sanity_steps, quiet=args.quiet)
+    head = (f"{'model':<16}{'avg acc':>9}{'WGA':>8}{'BG-gap':>8}{'only BG':>9}{'CAM ok':>8}{'MMD_env':>10}"
+            f"{'leak(z)':>9}{'leak(logit)':>12}{'CAM in obj':>12}")
+    lines = [f"audit of {len(res['runs'])} model(s) on {split}", head, "-" * len(head)]
 
     def f(v: Any, fmt: str = ".3f") -> str:
         return "n/a" if v is None else format(v, fmt)
 
     for r in res["runs"]:
-        lk = r["leakage"]
-        lines.append(f"{r['name'][:15]:<16}{f(r['avg_acc']):>9}{f(r['worst_group_acc']):>8}{f(r['mmd_env'], '.4f'):>10}"
-                     f"{f(lk['within_label_acc']):>9}{f(lk['logit_leak']):>12}{f(r['cam_in_mask']):>12}")
+        lk, iv, ok = r["leakage"], r.get("interventions") or {}, r.get("cam_sanity_passes")
+        lines.append(f"{r['name'][:15]:<16}{f(r['avg_acc']):>9}{f(r['worst_group_acc']):>8}{f(iv.get('bg_gap')):>8}"
+                     f"{f(iv.get('only_bg_acc')):>9}{'n/a' if ok is None else 'yes' if ok else 'NO':>8}"
+                     f"{f(r['mmd_env'], '.4f'):>10}{f(lk['within_label_acc']):>9}{f(lk['logit_leak']):>12}"
+                     f"{f(r['cam_in_mask']):>12}")
     lines += [f"warning: {w}" for w in res["warnings"]]
     lines.append(f"report: {res['report']}")
     print("\n".join(lines))
