@@ -108,11 +108,12 @@ def sanity_figure(
         ax_s.plot(xs, [1.0] + [s["ssim"] for s in steps], marker="o", label=name)
         if len(steps) + 1 > len(ticks):
             ticks = ["trained"] + [str(s["randomized"]["n_modules"]) for s in steps]
+    low = min([s[k] for _, r in results for s in r.summary["steps"] for k in ("spearman", "ssim")] + [-0.3])
     for ax, what in ((ax_r, "Spearman rank correlation"), (ax_s, "SSIM")):
         ax.set_xticks(range(len(ticks)), ticks)
         ax.set_xlabel("modules re-initialised, counted from the output end", fontsize=8)
         ax.set_ylabel(f"{what}\nwith the trained CAM", fontsize=8)
-        ax.set_ylim(-0.35, 1.05)
+        ax.set_ylim(low - 0.08, 1.05)
         ax.axhline(0, color="#999", lw=0.6)
         ax.tick_params(labelsize=7)
     ax_r.axhline(threshold, color="#c62828", ls="--", lw=0.8)

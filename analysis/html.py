@@ -183,7 +183,7 @@ def heat(v: float | None, train_share: float = 0.0) -> Cell:
         return Cell("n/a", "heat na")
     g = int(round(255 - 120 * v)), int(round(255 - 40 * v)), int(round(255 - 120 * v))
     return Cell(f"{100 * v:.0f}%", "heat train" if train_share > 0 else "heat",
-                style=f"background:rgb({g[0]},{g[1]},{g[2]})", sub=f"{100 * train_share:.0f}% in training"
+                style=f"background:rgb({g[0]},{g[1]},{g[2]})", sub=f"train {100 * train_share:.0f}%"
                 if train_share > 0 else "")
 
 
