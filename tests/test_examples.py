@@ -70,3 +70,22 @@ def test_compare_attention(tmp_path: Path) -> None:
         runs.append(str(tmp_path / algo))
     out = _example("compare_attention").main([*runs, "--out", str(tmp_path / "grid.png"), "--rows", "3"])
     _png(Path(out))
+
+
+def test_audit_any_model_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = _example("audit_any_model_cli").main(["--out", str(tmp_path), "--per-group", "6", "--steps", "3",
+                                               "--size", "32", "--interventions", "12"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "$ ex2l audit --model resnet18 --weights" in out and "BG-gap" in out
+    state = __import__("torch").load(tmp_path / "model.pt", weights_only=True)
+    assert state["fc.weight"].shape == (4, 512)  # the plain script's state dict
+    audit = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    (entry,) = audit["runs"]
+    assert entry["name"] == "my ResNet-18" and entry["source"].startswith("resnet18 + ")
+    assert entry["normalization"]["mean"] == [0.485, 0.456, 0.406]  # --normalize auto: ImageNet for torchvision
+    assert entry["interventions"]["method"] == "composite"
+    assert entry["interventions"]["n"] == min(12, entry["n_samples"])  # a subsample of at most 12 images
+    assert entry["cam_sanity"]["available"] and (tmp_path / "audit" / "report.html").is_file()
+    for png in (tmp_path / "audit" / "figures").glob("*.png"):
+        _png(png)
