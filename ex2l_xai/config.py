@@ -51,6 +51,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("none", "cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
 SELECTIONS = ("val_worst_group_acc", "val_avg_acc")
+SELECTION_METRIC = {"val_worst_group_acc": "worst_group_acc", "val_avg_acc": "avg_acc"}
+"""The key of a metrics dict each ``train.selection`` maximises."""
 ARCHITECTURES = ("shared", "dual")
 
 

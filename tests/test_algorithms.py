@@ -191,11 +191,20 @@ def test_zero_cam_alarm_counts_dead_label_cams() -> None:
 )
 @pytest.mark.parametrize("arch", ["shared", "dual"])
 def test_variants_train_one_step(hp: dict, arch: str) -> None:
+    """Each variant's penalty is not 0, enters the loss with weight λ, and moves the backbone: a penalty
+    that silently returned 0 (or was left out of the loss) fails here, not only a NaN."""
     alg = _alg("ex2l", arch=arch, **hp)
+    ref = _alg("ex2l", arch=arch, **{**hp, "penalty_weight": 0.0})
     opt = torch.optim.SGD(alg.parameters(), lr=0.01)
     before = alg.model.label_head.weight.detach().clone()
     loss, parts = alg.loss(_batch(), epoch=1)
+    lam = alg.params.lam(1)
+    assert lam > 0 and parts["lambda"] == lam and abs(parts["penalty"]) > 1e-4  # SSIM may be negative
+    assert parts["loss"] == pytest.approx(parts["ce"] + parts["conf_ce"] + lam * parts["penalty"], rel=1e-5)
     loss.backward()
+    ref.loss(_batch(), epoch=1)[0].backward()
+    k = "backbone.layer3.0.weight"
+    assert not torch.allclose(_grads(alg.model)[k], _grads(ref.model)[k])
     opt.step()
     assert math.isfinite(parts["loss"]) and not torch.equal(before, alg.model.label_head.weight)
 

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ex2l_xai.config import Config, config_to_dict, dump_config, list_presets, load_config
+from ex2l_xai.config import Config, check_value, config_to_dict, dump_config, list_presets, load_config
 from ex2l_xai.errors import ConfigError
 
 
@@ -70,6 +70,8 @@ def test_overrides() -> None:
         ("algorithm.penalty_weight=high", "algorithm.penalty_weight: expected a number"),
         ("algorithm.similarity=l2", "algorithm.similarity: expected one of"),
         ("seed=-1", "seed: expected an integer >= 0"),
+        ("data.root=3", "data.root: expected a string or null, got 3"),
+        ("model.init_from=[1]", "model.init_from: expected a string or null, got [1]"),
         ("train", "expected section.key=value"),
         ("train.=3", "expected section.key=value"),
         ("train.epochs.max=3", "train.epochs is not a section"),
@@ -116,3 +118,34 @@ def test_resolved_config_round_trips(tmp_path: Path, preset: str) -> None:
     assert again == c
     assert config_to_dict(again) == yaml.safe_load(path.read_text())
     assert list(config_to_dict(c)) == ["seed", "data", "model", "algorithm", "optim", "schedule", "train"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["algorithm.name=dann", "algorithm.lr_d=fast"], "algorithm.lr_d: expected a number or null, got 'fast'"),
+        (["algorithm.name=jtt", "algorithm.identify_epochs=1.5"],
+         "algorithm.identify_epochs: expected an integer or null, got 1.5"),
+        (["algorithm.name=jtt", "algorithm.upweight=often"], "algorithm.upweight: expected one of ['loss', 'sample']"),
+        (["algorithm.name=mixup", "algorithm.mix=true"], "algorithm.mix: expected a string, got True"),
+        (["algorithm.name=irm", "algorithm.anneal_steps=-1"], "algorithm.anneal_steps: expected >= 0, got -1"),
+    ],
+)
+def test_algorithm_params_share_the_one_type_checker(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config("quick", overrides)
+    assert message in str(info.value)
+
+
+def test_optional_algorithm_params_take_null_and_numbers() -> None:
+    c = load_config("quick", ["algorithm.name=dann", "algorithm.lr_d=1"])
+    assert c.algorithm["lr_d"] == 1.0 and isinstance(c.algorithm["lr_d"], float)
+    assert load_config("quick", ["algorithm.name=jtt", "algorithm.identify_epochs=null"]).params().identify_epochs is None
+    assert check_value(None, float | None, "k") is None
+    assert check_value(2, float, "k") == 2.0 and check_value("a", str, "k", ("a", "b")) == "a"
+    with pytest.raises(ConfigError, match=r"k: expected one of \['a', 'b'\], got 'c'"):
+        check_value("c", str, "k", ("a", "b"))
+    with pytest.raises(ConfigError, match="k: expected true or false, got 1"):
+        check_value(1, bool, "k")
+    with pytest.raises(TypeError, match="unsupported annotation"):
+        check_value(1, list, "k")  # a programming error in a dataclass, not the user's

@@ -84,8 +84,8 @@ class TrainInfo:
     """What an algorithm may know of the training split and the run.
 
     ``group_counts`` and ``env_counts`` are indexed by group id and environment id (0 where absent);
-    ``seed``, ``epochs``, ``lr`` and ``batch_size`` are the run's ``seed``, ``train.epochs``, ``optim.lr`` and
-    ``data.batch_size``.
+    ``seed``, ``epochs``, ``lr``, ``batch_size``, ``selection`` and ``init_from`` are the run's ``seed``,
+    ``train.epochs``, ``optim.lr``, ``data.batch_size``, ``train.selection`` and ``model.init_from``.
     """
 
     n_labels: int
@@ -99,6 +99,8 @@ class TrainInfo:
     epochs: int = 1
     lr: float = 1e-3
     batch_size: int = 64
+    selection: str = "val_worst_group_acc"
+    init_from: str | None = None
 
     @property
     def train_envs(self) -> list[int]:
@@ -256,6 +258,11 @@ def env_members(envs: Tensor, minimum: int = 1) -> list[Tensor]:
     return out
 
 
+def env_risks(logits: Tensor, y: Tensor, members: list[Tensor]) -> Tensor:
+    """Cross-entropy of each environment's samples (one entry per element of ``members``)."""
+    return torch.stack([nn.functional.cross_entropy(logits[idx], y[idx]) for idx in members])
+
+
 def require_train_envs(name: str, info: TrainInfo, minimum: int = 2) -> None:
     """ConfigError unless the training split holds at least ``minimum`` environments (the dataset's ``env``)."""
     present = info.train_envs
@@ -281,6 +288,7 @@ __all__ = [
     "TrainInfo",
     "build_algorithm",
     "env_members",
+    "env_risks",
     "group_ids",
     "params_from_dict",
     "per_sample_ce",

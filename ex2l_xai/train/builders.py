@@ -111,6 +111,8 @@ def train_info(config: Config, train_set: Any) -> TrainInfo:
         epochs=config.train.epochs,
         lr=config.optim.lr,
         batch_size=config.data.batch_size,
+        selection=config.train.selection,
+        init_from=config.model.init_from,
     )
 
 

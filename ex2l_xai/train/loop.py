@@ -48,7 +48,7 @@ from ex2l_xai.train.rundir import (
 
 log = logging.getLogger("ex2l_xai.train")
 
-__all__ = ["check_stages", "optimizer_step", "train"]
+__all__ = ["check_optimizers", "check_stages", "optimizer_step", "train"]
 
 STAGE_KINDS = ("train", "fit")
 
@@ -137,7 +137,9 @@ def optimizer_step(out: StepOutput, optimizers: dict[str, torch.optim.Optimizer]
         opt.step()
 
 
-def _check_optimizers(name: str, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+def check_optimizers(name: str, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+    """TrainingError when a parameter is in two optimisers, or an algorithm's own optimiser (any but
+    ``"model"``, which may list the frozen prefix: it never gets a gradient) holds a frozen parameter."""
     seen: dict[int, str] = {}
     for opt_name, opt in optimizers.items():
         for p in (p for g in opt.param_groups for p in g["params"]):
@@ -198,7 +200,7 @@ class _Run:
         optimizers = self.algorithm.configure_optimizers(partial(build_optimizer, self.config), stage)
         if "model" not in optimizers:
             raise TrainingError(f"algorithm {self.name}: configure_optimizers() returned no 'model' optimiser")
-        _check_optimizers(self.name, optimizers)
+        check_optimizers(self.name, optimizers)
         return optimizers
 
     # ---- resume -------------------------------------------------------------------------------------------
@@ -272,7 +274,7 @@ class _Run:
                 for s in schedulers.values():
                     s.step()
             else:
-                lr, losses = float("nan"), {k: float(v) for k, v in self.algorithm.fit(stage, ctx).items()}
+                lr, losses = None, {k: float(v) for k, v in self.algorithm.fit(stage, ctx).items()}
             stats = {k: float(v) for k, v in self.algorithm.epoch_stats().items()}
             done_epoch = epoch + 1
             last_of_stage = done_epoch == start + stage.epochs
@@ -291,6 +293,7 @@ class _Run:
         lr = optimizers["model"].param_groups[0]["lr"]
         self.algorithm.train()
         sums: dict[str, float] = {}
+        counts: dict[str, int] = {}  # a part is averaged over the steps that report it (DANN alternates)
         n_batches = 0
         label = f"{self.name}{f' [{stage.name}]' if len(self.stages) > 1 else ''}"
         bar = tqdm(loader, desc=f"{label} epoch {epoch + 1}/{self.total}", disable=not self.show_bar, leave=False)
@@ -313,13 +316,14 @@ class _Run:
             n_batches += 1
             for k, v in out.parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
+                counts[k] = counts.get(k, 0) + 1
             if self.show_bar:
                 bar.set_postfix(loss=f"{out.parts.get('loss', float(out.loss.detach())):.3f}")
         bar.close()
-        return lr, {k: v / max(1, n_batches) for k, v in sums.items()}
+        return lr, {k: v / counts[k] for k, v in sums.items()}
 
     def _evaluate(
-        self, stage: Stage, done_epoch: int, lr: float, losses: dict[str, float], stats: dict[str, float], t0: float
+        self, stage: Stage, done_epoch: int, lr: float | None, losses: dict[str, float], stats: dict[str, float], t0: float
     ) -> None:
         record: dict[str, Any] = {"epoch": done_epoch, "step": self.step, "lr": lr, "loss": losses, "stats": stats}
         if len(self.stages) > 1:

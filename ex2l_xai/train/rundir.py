@@ -14,7 +14,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from ex2l_xai.config import Config, config_from_dict, config_to_dict
+from ex2l_xai.config import SELECTION_METRIC, Config, config_from_dict, config_to_dict
 from ex2l_xai.errors import ConfigError, TrainingError
 from ex2l_xai.fileio import atomic_write
 from ex2l_xai.models import TwoHeadNet
@@ -37,7 +37,6 @@ __all__ = [
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoint.pt", "best.pt", "results.json", "done")
 _IGNORED_ON_RESUME = (("train", "quiet"), ("train", "device"))
-_SELECTION_KEY = {"val_worst_group_acc": "worst_group_acc", "val_avg_acc": "avg_acc"}
 
 
 # ---- metrics.jsonl -------------------------------------------------------------------------------------------
@@ -104,7 +103,7 @@ def check_same_config(path: Path, config: Config) -> None:
 # ---- selection, best.pt, results.json ------------------------------------------------------------------------
 def selection_score(config: Config, record: dict[str, Any]) -> float:
     """The model-selection score of an evaluation record (-inf for NaN)."""
-    score = float(record["val"][_SELECTION_KEY[config.train.selection]])
+    score = float(record["val"][SELECTION_METRIC[config.train.selection]])
     return -math.inf if math.isnan(score) else score
 
 

@@ -1,0 +1,87 @@
+"""IRM (Arjovsky et al. 2019), as DomainBed implements it (``domainbed/algorithms.py``, class ``IRM``; defaults
+from ``domainbed/hparams_registry.py``).
+
+Environments are the dataset's ``env`` (at least two in the training split). A batch is split by environment;
+the loss is the mean of the environments' risks plus ``w(step)`` times the mean IRMv1 penalty, where an
+environment's penalty is the product of the gradients, with respect to a dummy classifier scale ``s = 1``, of
+the cross-entropy of its even and of its odd samples (an unbiased estimate of the squared gradient):
+
+    loss = mean_e R_e + w(step) * mean_e [dR_e^even(s·logits)/ds · dR_e^odd(s·logits)/ds]  at s = 1
+
+``w`` is 1 for the first ``anneal_steps`` optimiser steps, then ``penalty_weight``; at that step the model's
+optimiser state is cleared, as DomainBed resets Adam ("it doesn't like the sharp jump in gradient magnitudes").
+DomainBed draws one minibatch per environment; here the trainer's batch is split by ``env``, and an environment
+with fewer than two samples in a batch adds its risk but no penalty.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, autograd
+from torch.nn import functional as F
+
+from ex2l_xai.algorithms.base import (
+    Algorithm,
+    Params,
+    StepContext,
+    StepOutput,
+    TrainInfo,
+    env_members,
+    env_risks,
+    register,
+    require_train_envs,
+)
+from ex2l_xai.errors import ConfigError
+from ex2l_xai.models import TwoHeadNet
+
+
+@dataclass
+class IRMParams(Params):
+    """``penalty_weight`` (DomainBed ``irm_lambda``, 1e2) after ``anneal_steps`` steps (``irm_penalty_anneal_iters``,
+    500) of weight 1."""
+
+    penalty_weight: float = 100.0
+    anneal_steps: int = 500
+
+    def validate(self) -> None:
+        if self.penalty_weight < 0:
+            raise ConfigError(f"algorithm.penalty_weight: expected >= 0, got {self.penalty_weight}")
+        if self.anneal_steps < 0:
+            raise ConfigError(f"algorithm.anneal_steps: expected >= 0, got {self.anneal_steps}")
+
+
+def irm_penalty(logits: Tensor, y: Tensor) -> Tensor:
+    """IRMv1 penalty of one environment: dR_even/ds · dR_odd/ds at the classifier scale s = 1."""
+    scale = torch.ones((), dtype=logits.dtype, device=logits.device, requires_grad=True)
+    loss_1 = F.cross_entropy(logits[::2] * scale, y[::2])
+    loss_2 = F.cross_entropy(logits[1::2] * scale, y[1::2])
+    (grad_1,) = autograd.grad(loss_1, [scale], create_graph=True)
+    (grad_2,) = autograd.grad(loss_2, [scale], create_graph=True)
+    return grad_1 * grad_2
+
+
+@register("irm")
+class IRM(Algorithm):
+    """Invariant risk minimisation (IRMv1) over the training environments."""
+
+    Params = IRMParams
+
+    def __init__(self, model: TwoHeadNet, params: IRMParams, info: TrainInfo) -> None:
+        super().__init__(model, params, info)
+        require_train_envs("irm", info)
+
+    def training_step(self, batch: dict[str, Tensor], ctx: StepContext) -> StepOutput:
+        p = self.params
+        logits, y = self.model(batch["image"]).label, batch["label"]
+        members = env_members(batch["env"])
+        nll = env_risks(logits, y, members).mean()
+        paired = [idx for idx in members if idx.numel() >= 2]
+        penalty = torch.stack([irm_penalty(logits[i], y[i]) for i in paired]).mean() if paired else nll.new_zeros(())
+        weight = p.penalty_weight if ctx.step >= p.anneal_steps else 1.0
+        loss = nll + weight * penalty
+        reset = ("model",) if ctx.step == p.anneal_steps and ctx.step > 0 else ()
+        parts = {"nll": float(nll.detach()), "penalty": float(penalty.detach()), "penalty_weight": weight,
+                 "loss": float(loss.detach())}
+        return StepOutput(loss, parts, reset=reset)

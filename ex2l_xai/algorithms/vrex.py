@@ -1,0 +1,75 @@
+"""V-REx (Krueger et al. 2021), as DomainBed implements it (``domainbed/algorithms.py``, class ``VREx``; defaults
+from ``domainbed/hparams_registry.py``).
+
+Environments are the dataset's ``env`` (at least two in the training split). A batch is split by environment;
+with R_e the cross-entropy of environment e's samples,
+
+    loss = mean_e R_e + w(step) * mean_e (R_e - mean_e R_e)^2
+
+(the variance of the environment risks, population form). ``w`` is 1 for the first ``anneal_steps`` steps,
+then ``penalty_weight``; at that step the model's optimiser state is cleared, as DomainBed resets Adam.
+DomainBed draws one minibatch per environment; here the trainer's batch is split by ``env``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from ex2l_xai.algorithms.base import (
+    Algorithm,
+    Params,
+    StepContext,
+    StepOutput,
+    TrainInfo,
+    env_members,
+    env_risks,
+    register,
+    require_train_envs,
+)
+from ex2l_xai.errors import ConfigError
+from ex2l_xai.models import TwoHeadNet
+
+
+@dataclass
+class VRExParams(Params):
+    """``penalty_weight`` (DomainBed ``vrex_lambda``, 10) after ``anneal_steps`` steps (``vrex_penalty_anneal_iters``,
+    500) of weight 1."""
+
+    penalty_weight: float = 10.0
+    anneal_steps: int = 500
+
+    def validate(self) -> None:
+        if self.penalty_weight < 0:
+            raise ConfigError(f"algorithm.penalty_weight: expected >= 0, got {self.penalty_weight}")
+        if self.anneal_steps < 0:
+            raise ConfigError(f"algorithm.anneal_steps: expected >= 0, got {self.anneal_steps}")
+
+
+def vrex_penalty(risks: Tensor) -> Tensor:
+    """The variance (population form) of the environment risks ``risks`` (E,)."""
+    return ((risks - risks.mean()) ** 2).mean()
+
+
+@register("vrex")
+class VREx(Algorithm):
+    """Variance risk extrapolation over the training environments."""
+
+    Params = VRExParams
+
+    def __init__(self, model: TwoHeadNet, params: VRExParams, info: TrainInfo) -> None:
+        super().__init__(model, params, info)
+        require_train_envs("vrex", info)
+
+    def training_step(self, batch: dict[str, Tensor], ctx: StepContext) -> StepOutput:
+        p = self.params
+        logits = self.model(batch["image"]).label
+        risks = env_risks(logits, batch["label"], env_members(batch["env"]))
+        mean, penalty = risks.mean(), vrex_penalty(risks)
+        weight = p.penalty_weight if ctx.step >= p.anneal_steps else 1.0
+        loss = mean + weight * penalty
+        reset = ("model",) if ctx.step == p.anneal_steps and ctx.step > 0 else ()
+        parts = {"nll": float(mean.detach()), "penalty": float(penalty.detach()), "penalty_weight": weight,
+                 "loss": float(loss.detach())}
+        return StepOutput(loss, parts, reset=reset)
