@@ -242,3 +242,25 @@ def _inner(size: int) -> torch.Tensor:
     m = torch.zeros(size, size, dtype=torch.bool)
     m[FRAME:-FRAME, FRAME:-FRAME] = True
     return m
+
+
+def test_intervention_figure_shows_each_version_and_prediction(o2o) -> None:
+    from analysis.causal_plots import VARIANT_TITLES, intervention_figure
+    from analysis.interventions import VARIANTS
+
+    _, val = o2o
+    a = interventions(OutlineCount(), val, max_samples=12, n_examples=2)
+    b = interventions(ColourReader(), val, max_samples=12, n_examples=2)
+    fig = intervention_figure([("outline", a), ("colour", b)], val.label_names)
+    axes = fig.axes
+    assert len(axes) == 2 * len(VARIANTS)
+    for r, ex in enumerate(a.examples):
+        for j, v in enumerate(VARIANTS):
+            ax = axes[r * len(VARIANTS) + j]
+            np.testing.assert_array_equal(ax.images[0].get_array(), np.clip(ex["images"][v], 0, 1))
+            assert ax.get_title().startswith(VARIANT_TITLES[v])
+            texts = [(t.get_text(), t.get_color()) for t in ax.texts]
+            for (name, res), (text, colour) in zip((("outline", a), ("colour", b)), texts, strict=True):
+                p = res.examples[r]["preds"][v]
+                assert text == f"{name}: {val.label_names[p]}"
+                assert colour == ("#1a7f37" if p == ex["label"] else "#c62828")

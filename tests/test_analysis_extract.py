@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 from captum.attr import LayerGradCam
-from helpers import PNG, TINY
+from helpers import TINY
 
 from analysis.embeddings import MIN_SAMPLES, embed, embedding_figure
 from analysis.extract import Extraction, extract, random_copy, subsample_indices
@@ -205,22 +205,84 @@ def test_cam_overlay_and_display() -> None:
     np.testing.assert_allclose(display_image(torch.full((3, 4, 4), 9.0)), 1.0)
 
 
-def test_gradcam_grid_and_umap_files(ex2l_run: Path, tmp_path: Path) -> None:
+def _rendered(fig) -> np.ndarray:
+    """The figure drawn by Agg, as the (H, W, 4) uint8 array its PNG must hold."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba()).copy()
+
+
+def _same_picture(a: np.ndarray, b: np.ndarray) -> None:
+    """Same size and the same picture (a redraw may move anti-aliased text edges by a level or a pixel)."""
+    assert a.shape == b.shape
+    diff = np.abs(a.astype(int) - b.astype(int))
+    assert (diff == 0).mean() > 0.95 and diff.mean() < 2.0
+
+
+def _png_pixels(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGBA"))
+
+
+def test_gradcam_grid_draws_the_overlays_it_claims(ex2l_run: Path, tmp_path: Path) -> None:
+    import matplotlib
+
+    backend = matplotlib.get_backend()
     ext = extract(ex2l_run, "test")
     model, config = load_run_model(ex2l_run)
     ds = get_dataset(config.data.name, "test", **config.data.options)
-    other = Extraction(**{**ext.__dict__, "name": "copy"})
+    other = Extraction(**{**ext.__dict__, "name": "copy", "preds": (ext.preds + 1) % 4})
     png = tmp_path / "grid.png"
-    fig = gradcam_grid([ext, other], ds, png, n_rows=3, show_conf=True)
-    assert png.read_bytes()[:8] == PNG and png.stat().st_size > 20_000
+    rows = ext.indices[[0, 5, 9]]
+    fig = gradcam_grid([ext, other], ds, png, rows=rows, show_conf=True, dpi=80)
+    axes = [ax for ax in fig.axes if ax.images][: 3 * 5]
     assert len(fig.axes) == 3 * 5 + 1  # input + 2 models with a confounder column each, and the colour bar
     assert "max-normalised" in fig.axes[-1].get_ylabel()
-    umap_png = tmp_path / "umap.png"
+    for r, idx in enumerate(rows):
+        i = int(np.flatnonzero(ext.indices == idx)[0])
+        img = display_image(ds[int(idx)]["image"], ds)
+        cells = axes[5 * r: 5 * r + 5]
+        np.testing.assert_allclose(cells[0].images[0].get_array(), img)  # the input itself
+        for ax, maps in ((cells[1], ext.cams_true), (cells[2], ext.cams_conf), (cells[3], other.cams_true)):
+            np.testing.assert_allclose(ax.images[0].get_array(), cam_overlay(img, maps[i])[0])
+        for ax, e in ((cells[1], ext), (cells[3], other)):  # title colour says right (green) or wrong (red)
+            assert ax.title.get_color() == ("#1a7f37" if e.preds[i] == e.labels[i] else "#c62828")
+            assert f"ŷ={e.label_names[e.preds[i]]}" in ax.get_title()
+        assert ("zero CAM" in cells[1].get_title()) == (not np.any(ext.cams_true[i] > 0))
+    _same_picture(_png_pixels(png), _rendered(fig))  # the PNG holds this figure, at the figure's size
+    assert matplotlib.get_backend() == backend, "a library function must not switch the user's backend"
+
+
+def test_embedding_figure_plots_the_embedding(ex2l_run: Path, tmp_path: Path) -> None:
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    backend, figs = matplotlib.get_backend(), plt.get_fignums()
+    ext = extract(ex2l_run, "test", cams=False)
     emb = embed(ext.latents, seed=0, n_epochs=30, n_neighbors=5)
     assert emb.shape == (len(ext), 2) and np.isfinite(emb).all()
     np.testing.assert_allclose(emb, embed(ext.latents, seed=0, n_epochs=30, n_neighbors=5))  # seeded
-    embedding_figure([ext], [emb], umap_png, colour_by=("label", "confounder", "env"), mmd=[0.0123])
-    assert umap_png.read_bytes()[:8] == PNG and umap_png.stat().st_size > 20_000
+    umap_png = tmp_path / "umap.png"
+    fig = embedding_figure([ext], [emb], umap_png, colour_by=("label", "confounder", "env"), mmd=[0.0123], dpi=60)
+    assert len(fig.axes) == 3
+    for ax, names, values in zip(fig.axes, (ext.label_names, ext.confounder_names, ext.env_names),
+                                 (ext.labels, ext.confounders, ext.envs), strict=True):
+        pts = ax.collections[0].get_offsets()
+        order = np.random.default_rng(0).permutation(len(ext))
+        np.testing.assert_allclose(np.asarray(pts), emb[order])  # every point where the embedding puts it
+        colours = ax.collections[0].get_facecolors()[:, :3]
+        for v in np.unique(values):  # one colour per value, a different one for each value
+            assert len({tuple(np.round(c, 4)) for c in colours[values[order] == v]}) == 1
+        assert len({tuple(np.round(c, 4)) for c in colours}) == len(np.unique(values))
+        legend = [t.get_text() for t in ax.get_legend().get_texts()] if ax.get_legend() else []
+        assert not legend or legend == [names[v] for v in np.unique(values)]
+    assert "MMD$_{env}$ = 0.0123" in fig.axes[0].texts[0].get_text()
+    _same_picture(_png_pixels(umap_png), _rendered(fig))
+    assert matplotlib.get_backend() == backend and plt.get_fignums() == figs, "no pyplot figure, no backend switch"
 
 
 def test_embed_refuses_tiny_input_and_labels_pca(tmp_path: Path) -> None:

@@ -137,3 +137,24 @@ def test_a_weight_blind_map_fails_and_gradcam_of_a_trained_cnn_passes(erm_run: P
     assert len(res.example["steps"]) == 4 and res.example["trained"].shape == (32, 32)
     for k, v in model.state_dict().items():  # the audited model itself is untouched
         assert torch.equal(v, state[k]), k
+
+
+def test_sanity_figure_plots_the_measured_curves(erm_run: Path) -> None:
+    from analysis.causal_plots import sanity_figure
+
+    model, config = load_run_model(erm_run)
+    ds = get_dataset(config.data.name, "test", **dataset_kwargs(config))
+    res = cam_sanity(model, ds, max_samples=8, steps=3)
+    blind = cam_sanity(model, ds, max_samples=8, steps=3, cam_fn=image_gradient)
+    fig = sanity_figure([("gradcam", res), ("edges", blind)])
+    ax_r, ax_s = fig.axes[:2]
+    for line, r in zip(ax_r.lines, (res, blind), strict=False):
+        np.testing.assert_allclose(line.get_ydata(), [1.0] + [s["spearman"] for s in r.summary["steps"]])
+    for line, r in zip(ax_s.lines, (res, blind), strict=False):
+        np.testing.assert_allclose(line.get_ydata(), [1.0] + [s["ssim"] for s in r.summary["steps"]])
+    assert [t.get_text() for t in ax_r.get_xticklabels()] == ["trained"] + [
+        str(s["randomized"]["n_modules"]) for s in res.summary["steps"]]
+    maps = [ax for ax in fig.axes[2:] if ax.images]
+    assert len(maps) == 2 * (2 + len(res.summary["steps"]))  # image, trained CAM, one per step; per model
+    trained = res.example["trained"]
+    np.testing.assert_allclose(maps[1].images[0].get_array(), trained / trained.max())
