@@ -48,8 +48,8 @@ FIGURES = {
     "cam_sanity": "fig5_cam_sanity.png",
 }
 #: Settings of the report ``ex2l demo`` writes (fast: subsamples, fewer UMAP epochs, a short sanity cascade).
-DEMO_SETTINGS: dict[str, Any] = {"max_samples": 480, "umap_epochs": 200, "intervention_samples": 96,
-                                 "sanity_samples": 24, "sanity_steps": 4}
+DEMO_SETTINGS: dict[str, Any] = {"max_samples": 480, "umap_epochs": 200, "intervention_samples": 64,
+                                 "sanity_samples": 16, "sanity_steps": 4}
 
 
 def _unique_names(audits: Sequence[ModelAudit]) -> None:
