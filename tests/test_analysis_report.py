@@ -27,7 +27,8 @@ from ex2l_xai.train import train
 
 ALGORITHMS = ("erm", "groupdro", "ex2l")
 RUN_KEYS = {"mmd_env", "leakage", "cam_overlap", "cam_in_mask", "zero_cam_share", "pointing_game", "avg_acc",
-            "worst_group_acc", "mean_group_acc", "per_group", "name", "source"}
+            "worst_group_acc", "mean_group_acc", "per_group", "name", "source", "interventions", "bg_gap",
+            "cam_sanity", "cam_sanity_passes"}
 LEAK_KEYS = {"confounder_probe_acc", "chance", "within_label_acc", "within_label_chance", "logit_leak",
              "random_within_label_acc", "random_confounder_probe_acc", "label_probe_acc"}
 
@@ -75,6 +76,19 @@ def test_audit_json_contract(audited: tuple[Path, dict[str, Any]], tiny_runs: li
         assert entry["cam_in_mask"] is None or 0 <= entry["cam_in_mask"] <= 1
         assert 0 <= entry["zero_cam_share"] <= 1
         assert entry["has_masks"] is True and entry["mask_area"] > 0
+        iv = entry["interventions"]  # the whole tiny test split, every image on all six backgrounds
+        assert iv["available"] and iv["method"] == "exact" and iv["n"] == entry["n_samples"]
+        assert iv["n_forward"] == iv["n"] * (6 + 2) and iv["prior_source"] == "the run's train split"
+        assert entry["bg_gap"] == pytest.approx(iv["mixed_same_acc"] - iv["mixed_rand_acc"])
+        # m2m_hard's training table: bulldog on dirt and jungle, half each (issue 3's challenge table)
+        assert iv["same_backgrounds"]["bulldog"] == {"dirt": 0.5, "jungle": 0.5}
+        assert set(iv["per_class_background"]) <= set(results["test"]["per_group"]) | {"bulldog", "dachshund",
+                                                                                      "labrador", "corgi"}
+        san = entry["cam_sanity"]
+        assert san["available"] and san["layer"] == "backbone.layer4" and len(san["steps"]) == 5
+        assert entry["cam_sanity_passes"] is san["passes"]
+        assert {"interventions", "cam_sanity"} <= set(entry["seconds"])
+    assert data["settings"]["intervention_samples"] == 240 and data["settings"]["sanity_steps"] == 5
     erm, _, ex2l = data["runs"]
     assert erm["cam_overlap"] is None and erm["has_confounder_head"] is False
     assert ex2l["has_confounder_head"] is True
@@ -93,12 +107,20 @@ def test_report_html_is_self_contained(audited: tuple[Path, dict[str, Any]]) -> 
     assert not re.search(r"<(script|link|iframe)\b", text, re.I), "no scripts or external stylesheets"
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", text, re.I), "no external resources"
     srcs = re.findall(r'<img src="data:image/png;base64,([^"]+)"', text)
-    assert len(srcs) == len(FIGURES)
-    for s in srcs:
-        assert base64.b64decode(s)[:8] == PNG
+    assert len(srcs) == len(FIGURES)  # three models on the synthetic benchmark: every figure, both causal ones too
+    for s, name in zip(srcs, ("fig4_interventions", "fig1_gradcam_grid", "fig1b_gradcam_disagreement",
+                              "fig5_cam_sanity", "fig2_umap", "fig3_umap_env"), strict=True):
+        assert base64.b64decode(s) == (out / "figures" / f"{name}.png").read_bytes(), name  # in section order
     for words in ("Worst-group", "How to read this", "MMD", "Within-label leak", "Decision-level leak",
-                  "CAM in object", "Label–confounder overlap", "Zero-CAM share", "auditing_metrics.md"):
+                  "CAM in object", "Label–confounder overlap", "Zero-CAM share", "auditing_metrics.md",
+                  "Background swaps", "BG-gap", "Accuracy of each class on each background", "Flip rate",
+                  "CAM sanity check", "Adebayo et al. 2018", "How to read it"):
         assert words in text, words
+    data = json.loads((out / "audit.json").read_text())
+    for r in data["runs"]:  # the report shows the numbers of audit.json
+        assert f"{100 * r['interventions']['mixed_rand_acc']:.1f}%" in text
+        assert f"ρ {r['cam_sanity']['steps'][-1]['spearman']:.2f}" in text
+    assert "report.css" not in text and "--accent" in text  # the stylesheet is inlined
 
 
 def _chromium() -> str | None:
@@ -143,7 +165,7 @@ def test_report_opens_in_headless_chromium(audited: tuple[Path, dict[str, Any]],
     assert len(probe["images"]) == len(FIGURES)
     for img in probe["images"]:
         assert img["complete"] and img["w"] > 0 and img["h"] > 0, img
-    assert probe["tables"] >= 5
+    assert probe["tables"] >= 8  # glance, accuracy, groups, swaps, three heat tables, sanity, latents, ...
 
 
 def test_audit_plain_torchvision_resnet18(tmp_path: Path) -> None:
@@ -170,6 +192,19 @@ def test_audit_plain_torchvision_resnet18(tmp_path: Path) -> None:
     assert res2["settings"]["embedding"] == "pca" and "UMAP failed" in res2["settings"]["embedding_note"]
     html_text = (tmp_path / "bare" / "report.html").read_text()
     assert "PCA shown instead" in html_text and "Figure 2.</b> PCA" in html_text
+
+
+def test_report_escapes_what_it_is_given() -> None:
+    """Names come from users: the template escapes them, and the page still has no script."""
+    from analysis.html import render_html
+
+    bad = "<script>alert(1)</script>"
+    entry = {"name": bad, "source": bad, "leakage": {}, "n_samples": 3, "per_group": {f"{bad}/x": {"acc": 1.0,
+             "n": 3}}, "interventions": {"available": False, "reason": bad}, "cam_sanity": {}}
+    data = {"runs": [entry], "split": "test", "seed": 0, "created": "now", "reference": bad, "warnings": [bad],
+            "settings": {}, "seconds": {}}
+    text = render_html(data, {})
+    assert "<script>" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
 
 
 def test_audit_errors(tmp_path: Path) -> None:
