@@ -231,7 +231,7 @@ def prepare(
     """Extract one model on ``split`` (seeded, group-stratified subsample of ``max_samples``) and, with ``env``,
     build the set the environment analysis uses (the split itself when it holds several environments, else
     the run's ``val`` split + the split, every environment capped at the median environment size)."""
-    from analysis.datasets import as_audit_dataset, waterbirds_masks
+    from analysis.datasets import as_audit_dataset, csv_masks, waterbirds_masks
     from analysis.extract import PRETTY
 
     cache = dataset_cache if dataset_cache is not None else {}
@@ -249,6 +249,8 @@ def prepare(
             raise Ex2lError(f"audit: {run} is not a finished run folder (no best.pt); train it with `ex2l train`")
         config = load_run_config(run)
         ds, key = _run_dataset(config, split, cache)
+        if config.data.name == "csv":  # a mask column in the run's CSV: object masks for the audit
+            ds = csv_masks(ds)
         if target.segmentations is not None:
             ds, key = waterbirds_masks(ds, target.segmentations), f"{key}+masks:{target.segmentations}"
         model, _ = load_run_model(run, device or "cpu")

@@ -26,7 +26,7 @@ from ex2l_xai.errors import DataError, Ex2lError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AuditDataset", "FolderDataset", "MaskedDataset", "as_audit_dataset", "require_fields",
+__all__ = ["AuditDataset", "FolderDataset", "MaskedDataset", "as_audit_dataset", "csv_masks", "require_fields",
            "waterbirds_masks"]
 
 FIELDS = ("image", "label", "confounder", "env", "index")
@@ -342,3 +342,26 @@ def waterbirds_masks(dataset: Any, segmentations: str | os.PathLike[str]) -> Mas
     root = Path(dataset.root)
     paths = [str((seg / Path(p).relative_to(root)).with_suffix(".png")) for p in dataset.table["path"]]
     return MaskedDataset(dataset, paths)
+
+
+def csv_masks(dataset: Any) -> Any:
+    """A ``csv`` dataset (:class:`ex2l_xai.data.CsvDataset`) with the object masks its CSV names in an optional
+    ``mask`` column (paths relative to the dataset's root, or absolute), as a :class:`MaskedDataset`; the dataset
+    itself when its CSV has no such column."""
+    import pandas as pd
+
+    path = getattr(dataset, "csv", None)
+    if path is None or not os.path.isfile(path):
+        return dataset
+    df = pd.read_csv(path)
+    df.columns = [str(c).strip() for c in df.columns]
+    if "mask" not in df.columns:
+        return dataset
+    root = Path(dataset.root)
+
+    def full(p: Any) -> str:
+        return os.path.normpath(str(p) if Path(str(p)).is_absolute() else str(root / str(p)))
+
+    by_image = {full(p): full(m) for p, m in zip(df["path"], df["mask"], strict=True)}
+    return MaskedDataset(dataset, [by_image[os.path.normpath(p)] for p in dataset.table["path"]])
+

@@ -246,3 +246,24 @@ def test_waterbirds_with_cub_segmentations(tmp_path: Path) -> None:
         expect = np.zeros((16, 16))
         expect[4 + i: 12, 4:12] = 1
         np.testing.assert_array_equal(s["mask"][0].numpy(), expect)
+
+
+def test_csv_dataset_masks_from_a_mask_column(tree, tmp_path: Path) -> None:
+    from analysis.datasets import csv_masks
+
+    root, ds = tree
+    table = pd.read_csv(root / "audit.csv")
+    table["label"] = [p.split("/")[0] for p in table["path"]]
+    table["label"] = table["label"].map({n: i for i, n in enumerate(sorted(set(table["label"])))})
+    table["confounder"] = table["confounder"].map({n: i for i, n in enumerate(sorted(set(table["confounder"])))})
+    table["split"] = "test"
+    table.to_csv(root / "with_masks.csv", index=False)
+    csv_ds = get_dataset("csv", "test", root=str(root), csv="with_masks.csv", image_size=SIZE, normalize=False)
+    masked = csv_masks(csv_ds)
+    assert masked.label_names == csv_ds.label_names and len(masked) == len(ds)
+    for j in (0, 5):
+        i = int(Path(csv_ds.table["path"][j]).stem)
+        np.testing.assert_array_equal(masked[j]["mask"].numpy(), ds[i]["mask"].numpy())
+    table.drop(columns="mask").to_csv(root / "no_masks.csv", index=False)
+    plain = get_dataset("csv", "test", root=str(root), csv="no_masks.csv", image_size=SIZE, normalize=False)
+    assert csv_masks(plain) is plain
