@@ -9,6 +9,15 @@ Entry points (each module's docstring has the details)::
     from analysis.mmd import mmd_env              # MMD across environments
     from analysis.probes import leakage           # linear-probe confounder leakage
     from analysis.localization import localization_summary  # CAM vs masks, label vs confounder overlap
+    from analysis.interventions import interventions  # background swaps: only-FG/BG, mixed-same/rand, BG-gap
+    from analysis.sanity import cam_sanity        # CAM sanity check by cascading randomisation
+    from analysis.loading import load_model       # torchvision/timm + state dict, TorchScript; Normalized
+    from analysis.datasets import AuditDataset    # plain (image, label) datasets; FolderDataset: images + CSV
+
+Layout: ``extract`` (one pass) builds on ``modules`` (CAM layer, cascade order, re-initialisation of any
+nn.Module), ``scripted`` (TorchScript) and ``datasets``; ``audit`` computes one model's numbers, ``report``
+orchestrates the whole audit, ``html`` + ``templates/`` render it, ``overlays``, ``embeddings`` and
+``causal_plots`` draw the figures (on their own ``Figure`` objects, via ``plotting``).
 
 This package may import ``ex2l_xai``; ``ex2l_xai`` never imports it (``ex2l_xai/cli.py`` aside).
 """

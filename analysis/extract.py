@@ -10,7 +10,12 @@ torch classifier given with the layer to take CAMs at::
 CAMs go through :func:`ex2l_xai.cam.head_cams`: for a :class:`~ex2l_xai.models.TwoHeadNet` ONE forward pass per
 batch gives the label CAM at the true label ``y``, the confounder CAM at the true confounder ``c`` and (a second
 gradient of the same graph) the label CAM at the prediction ``ŷ``. CAMs are kept at the layer's resolution;
-upsample them with :func:`ex2l_xai.cam.upsample` for display.
+upsample them with :func:`ex2l_xai.cam.upsample` for display. A TorchScript model (hooks do not run inside it) gets
+its CAM layer's output from its own graph (:class:`analysis.scripted.ScriptedClassifier`).
+
+:func:`extract` does four things, one function each: resolve the model and its dataset (``_resolve_model``), its
+CAM layer(s) (``_resolve_layers``) and its latent (``_Latent``), run the batches (``_run``), assemble the arrays
+(``_assemble``).
 """
 
 from __future__ import annotations
