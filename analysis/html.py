@@ -318,8 +318,9 @@ def _sanity(runs: list[dict[str, Any]]) -> dict[str, Any]:
                                                                                          "</code>"), "left")]
         for st in s["steps"]:
             rnd = st["randomized"]
+            zero = f"; {100 * st['zero_share']:.0f}% all-zero" if st.get("zero_share") else ""
             row.append(Cell(f"ρ {st['spearman']:.2f} / {st['ssim']:.2f}",
-                            sub=f"{rnd['n_modules']} random, to {rnd['last']}"))
+                            sub=f"{rnd['n_modules']} random, to {rnd['last']}{zero}"))
         row += [Cell("")] * (n_steps - len(s["steps"]))
         t.rows.append(row)
         verdicts.append((r["name"], s["passes"], s["verdict"]))

@@ -179,7 +179,9 @@ def cam_sanity(
             out.append(upsample(c, size).clamp_min(0).cpu() if c.shape[-2:] != size else c.clamp_min(0).cpu())
         return torch.cat(out)
 
-    clone = copy.deepcopy(model).to(dev)
+    clone = copy.deepcopy(model)
+    if next((p.device for p in clone.parameters()), dev) != dev:
+        clone.to(dev)
     clone.eval()
     for p in clone.parameters():
         p.requires_grad_(True)

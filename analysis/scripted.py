@@ -69,6 +69,16 @@ class ScriptedClassifier(nn.Module):
         """The script's own forward."""
         return self.inner(x)
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> ScriptedClassifier:
+        """A copy with its own weights (``copy.deepcopy`` of the script). The compiled graphs are shared: they take
+        the module as an argument, and compiled functions cannot be copied."""
+        import copy
+
+        clone = ScriptedClassifier(copy.deepcopy(self.inner, memo))
+        clone._functions = dict(self._functions)
+        clone.train(self.training)
+        return clone
+
     def _inlined(self) -> Any:
         graph = self.inner.forward.graph.copy()
         torch._C._jit_pass_inline(graph)

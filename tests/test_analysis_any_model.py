@@ -136,6 +136,19 @@ def test_torchscript_file_gives_the_eager_models_cams(tree, resnet_file, tmp_pat
     np.testing.assert_allclose(c.latents, b.latents, atol=1e-5)  # the pool of layer4 IS the input of fc
     with pytest.raises(Ex2lError, match="layer9"):
         extract(scripted, folder, layer="layer9")
+    # copies for the random baseline and the sanity check: own weights, the original untouched
+    from analysis.modules import random_copy
+    from analysis.sanity import cam_sanity
+
+    before = {k: v.clone() for k, v in scripted.state_dict().items()}
+    rnd = random_copy(scripted, seed=0)
+    x = torch.stack([folder[i]["image"] for i in range(4)])
+    with torch.no_grad():
+        assert not torch.allclose(rnd(x), scripted(x))
+    res = cam_sanity(scripted, folder, max_samples=8, steps=3).summary
+    assert res["layer"] == "layer3" and res["steps"][0]["randomized"]["last"] == "fc" and res["n_modules"] == 41
+    for k, v in scripted.state_dict().items():
+        assert torch.equal(v, before[k]), k
 
 
 def test_timm_model_from_a_state_dict(tree, tmp_path: Path) -> None:
