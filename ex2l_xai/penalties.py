@@ -15,7 +15,8 @@ pearson    cosine of the mean-centred maps                                      
 product    mean over pixels of ab (Singh et al. 2020's overlap of min-max CAMs)      [0, 1] for maps in [0, 1]
 =========  =====================================================================  ===========================
 
-Identical maps score 1 under every kind (for dice, iou and cosine up to eps; an all-zero map scores 0 under
+Identical maps score 1 under every kind but ``product`` (which gives their mean square; for dice, iou and cosine up
+to eps; an all-zero map scores 0 under
 dice, iou and cosine, which is what lets ReLU'd CAMs "game" the penalty, see the docs); disjoint non-negative
 maps score 0 under dice, iou and cosine.
 

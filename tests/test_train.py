@@ -19,7 +19,7 @@ from ex2l_xai.errors import TrainingError
 from ex2l_xai.train import RUN_FILES, evaluate, lr_factor, train
 
 TINY = [o for o in _TINY if o != "train.epochs=1"] + ["train.epochs=2"]
-M_KEYS = {"avg_acc", "mean_group_acc", "worst_group_acc", "per_group"}
+M_KEYS = {"avg_acc", "mean_group_acc", "worst_group_acc", "per_group", "nll"}
 
 
 def tiny(*overrides: str) -> Config:
@@ -208,3 +208,20 @@ def test_lr_schedules() -> None:
     assert all(x > y for x, y in zip(f[2:], f[3:], strict=False)) and f[-1] > 0
     s = load_config("quick", ["schedule.name=step", "schedule.step_size=3", "schedule.gamma=0.1"])
     assert [lr_factor(s, e) for e in (0, 2, 3, 6)] == pytest.approx([1, 1, 0.1, 0.01])
+
+
+def test_selection_breaks_ties_of_validation_accuracy_by_validation_nll(tmp_path: Path) -> None:
+    """The key is (val WGA, -val nll): a 100 % tie goes to the epoch with the lowest validation cross-entropy."""
+    from ex2l_xai.train.rundir import selection_key
+
+    config = load_config("quick", TINY)
+    rec = lambda wga, nll: {"val": {"worst_group_acc": wga, "avg_acc": wga, **({} if nll is None else {"nll": nll})}}  # noqa: E731
+    assert selection_key(config, rec(1.0, 0.2)) > selection_key(config, rec(1.0, 0.5))
+    assert selection_key(config, rec(0.9, 0.01)) < selection_key(config, rec(1.0, 0.5))
+    assert selection_key(config, rec(1.0, None)) < selection_key(config, rec(1.0, 3.0))  # older records
+    out = tmp_path / "run"
+    results = train(load_config("quick", [*TINY, "train.epochs=3"]), out)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(isinstance(r["val"]["nll"], float) and r["val"]["nll"] > 0 for r in records)
+    best = max(records, key=lambda r: (r["val"]["worst_group_acc"], -r["val"]["nll"]))
+    assert results["selected_epoch"] == best["epoch"]

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -25,11 +26,12 @@ __all__ = ["Predictor", "evaluate", "evaluate_algorithm", "predict_split", "spli
 
 @torch.no_grad()
 def predict_split(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, np.ndarray]:
-    """Predicted labels, labels and confounders over a loader (``model(x)`` returns label logits or an output
-    whose first entry is); the model's train/eval mode is restored afterwards."""
+    """Predicted labels, labels, confounders and the per-sample cross-entropy of the label (``nll``) over a
+    loader (``model(x)`` returns label logits or an output whose first entry is); the model's train/eval mode is
+    restored afterwards."""
     was_training = model.training
     model.eval()
-    preds, labels, confs = [], [], []
+    preds, labels, confs, nlls = [], [], [], []
     try:
         for batch in loader:
             out = model(batch["image"].to(device))
@@ -37,20 +39,26 @@ def predict_split(model: nn.Module, loader: DataLoader, device: torch.device) ->
             preds.append(logits.argmax(1).cpu())
             labels.append(batch["label"])
             confs.append(batch["confounder"])
+            target = torch.as_tensor(batch["label"], device=logits.device)
+            nlls.append(F.cross_entropy(logits.float(), target, reduction="none").cpu())
     finally:
         model.train(was_training)
     return {
         "pred": torch.cat(preds).numpy(),
         "label": torch.cat(labels).numpy(),
         "confounder": torch.cat(confs).numpy(),
+        "nll": torch.cat(nlls).numpy(),
     }
 
 
 def split_metrics(model: nn.Module, loader: DataLoader, dataset: Any, device: torch.device) -> dict[str, Any]:
-    """DESIGN.md's metrics dict ``M`` of ``model`` over ``loader`` (samples of ``dataset``)."""
+    """DESIGN.md's metrics dict ``M`` of ``model`` over ``loader`` (samples of ``dataset``), plus ``nll``: the mean
+    cross-entropy of the label (model selection breaks ties of the validation accuracy with it)."""
     p = predict_split(model, loader, device)
     groups = p["label"] * dataset.n_confounders + p["confounder"]
-    return group_metrics(p["pred"], p["label"], groups, dataset.groups)
+    metrics = group_metrics(p["pred"], p["label"], groups, dataset.groups)
+    metrics["nll"] = float(p["nll"].mean()) if len(p["nll"]) else float("nan")
+    return metrics
 
 
 class Predictor(nn.Module):

@@ -41,6 +41,7 @@ from ex2l_xai.train.rundir import (
     best_payload,
     check_same_config,
     results_of,
+    selection_key,
     selection_score,
     summary_line,
     truncate_metrics,
@@ -332,7 +333,8 @@ class _Run:
                                          self.eval_loaders))
         if stage.selectable:
             score = selection_score(self.config, record)
-            if self.best is None or score > self.best["score"]:
+            key = selection_key(self.config, record)
+            if self.best is None or key > selection_key(self.config, self.best["record"]):
                 self.best = {"epoch": done_epoch, "score": score, "record": record}
                 subsets = {s: [int(i) for i in sub] for s in self.eval_splits
                            if (sub := self.algorithm.evaluation_subset(s)) is not None}

@@ -30,6 +30,7 @@ __all__ = [
     "load_run_model",
     "read_metrics",
     "results_of",
+    "selection_key",
     "selection_score",
     "summary_line",
     "truncate_metrics",
@@ -105,6 +106,15 @@ def selection_score(config: Config, record: dict[str, Any]) -> float:
     """The model-selection score of an evaluation record (-inf for NaN)."""
     score = float(record["val"][SELECTION_METRIC[config.train.selection]])
     return -math.inf if math.isnan(score) else score
+
+
+def selection_key(config: Config, record: dict[str, Any]) -> tuple[float, float]:
+    """What model selection maximises: the selection score, then, among equal scores, the lower validation
+    cross-entropy (``nll``). A training-distribution validation split often scores 100 % at several epochs (the
+    spurious feature alone fits it); the cross-entropy still tells the epochs apart. Records without ``nll``
+    (older runs) rank below any with it, and among themselves keep the earliest epoch."""
+    nll = float(record["val"].get("nll", math.nan))
+    return selection_score(config, record), -math.inf if math.isnan(nll) else -nll
 
 
 def _cpu_state(module: nn.Module) -> dict[str, Tensor]:
