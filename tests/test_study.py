@@ -20,13 +20,14 @@ def _study():
 
 def test_study_run_skip_and_report(tmp_path: Path) -> None:
     study = _study()
-    args = ["run", "--root", str(tmp_path), "--seeds", "0", "--only", "^m2m_hard/(erm|paper_l0.1)$", "--jobs", "1",
-            "--threads", "1", "--quiet", "--set", *TINY]
+    args = ["run", "--regime", "scratch", "--root", str(tmp_path), "--seeds", "0", "--only",
+            "^m2m_hard/(erm|paper_l0.1)$", "--jobs", "1", "--threads", "1", "--quiet", "--set", *TINY]
     assert study.main(args) == 0
     runs = sorted(p.parent.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("done"))
     assert runs == ["m2m_hard/erm/seed0", "m2m_hard/paper_l0.1/seed0"]
     metrics = json.loads((tmp_path / "m2m_hard/paper_l0.1/seed0/study_metrics.json").read_text())
     assert 0.0 <= metrics["zero_cam_share"] <= 1.0 and 0.0 <= metrics["cam_in_mask"] <= 1.0
+    assert 0.0 <= metrics["cam_overlap"] <= 1.0  # Dice of the label and confounder CAMs
     assert metrics["chance"] == 0.5  # each m2m test class sits on two backgrounds
     stamp = (tmp_path / "m2m_hard/erm/seed0/done").stat().st_mtime_ns
     assert study.main(args) == 0  # done runs are skipped
@@ -42,11 +43,35 @@ def test_study_run_skip_and_report(tmp_path: Path) -> None:
     assert f"**{100 * res['test']['worst_group_acc']:.1f} ± 0.0**" in text.split("| `erm`: ERM | 1 |")[1].split("\n")[0]
 
 
-def test_overrides_are_valid_configs() -> None:
+def test_overrides_are_valid_configs(tmp_path: Path) -> None:
     study = _study()
     from ex2l_xai.config import load_config
 
-    for bench in study.BENCHMARKS:
-        for method in study.methods_of(bench):
-            cfg = load_config(study.BASE_PRESET, study.overrides_for(bench, method, 1))
-            assert cfg.seed == 1 and cfg.data.options["image_size"] == 64
+    for regime in study.REGIMES.values():
+        for bench in regime.benchmarks:
+            for method in study.methods_of(bench, regime):
+                cfg = load_config(regime.preset, study.overrides_for(bench, method, 1, regime=regime, root=tmp_path))
+                assert cfg.seed == 1
+                size = 64 if regime.name == "scratch" else 128
+                assert cfg.data.options["image_size"] == size, (regime.name, bench, method)
+    pre = study.REGIMES["pretrained"]
+    cfg = load_config(pre.preset, study.overrides_for("o2o_hard", "singh_dual", 2, regime=pre, root=tmp_path))
+    assert cfg.model.init_from == str(tmp_path / "o2o_hard" / "erm_2head" / "seed2")
+    assert cfg.model.backbone == "efficientnet_lite0" and cfg.model.freeze == "layer3"
+
+
+def test_runs_that_start_from_another_run_come_in_a_second_wave(tmp_path: Path) -> None:
+    """Singh et al.'s form starts from two-head ERM of the same benchmark and seed: the waves say so, also when
+    --only selects the dependent run alone; a tiny pretrained sweep runs them in that order."""
+    study = _study()
+    pre = study.REGIMES["pretrained"]
+    waves = study.jobs_of(pre, tmp_path, [0], only="^m2m_hard/singh_dual$")
+    assert waves == [[("m2m_hard", "erm_2head", 0)], [("m2m_hard", "singh_dual", 0)]]
+    tiny = [o for o in TINY if not o.startswith("model.width")] + ["data.options.image_size=64"]
+    args = ["run", "--root", str(tmp_path), "--seeds", "0", "--only", "^m2m_hard/singh_dual$", "--jobs", "1",
+            "--quiet", "--set", *tiny]
+    assert study.main(args) == 0
+    assert (tmp_path / "m2m_hard/erm_2head/seed0/done").exists() and (tmp_path / "m2m_hard/singh_dual/seed0/done").exists()
+    metrics = [json.loads(x) for x in (tmp_path / "m2m_hard/singh_dual/seed0/metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["loss"]["anchor"] >= 0.0
+    assert study.jobs_of(pre, tmp_path, [0], only="^m2m_hard/singh_dual$") == []
