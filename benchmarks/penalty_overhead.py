@@ -1,24 +1,28 @@
 """Cost of the eX2L penalty per training step: fused Grad-CAM path vs Captum's route vs two-head ERM.
 
-ResNet-18 (torchvision, random init), 64×64 inputs, batch 64, CPU, two threads. Each timed step is a full
-training step (forward, loss, backward, optimizer step) of:
+Two backbones, random init, CPU, two threads: ResNet-18 at 64×64, batch 64 (CAM layers ``layer4`` and
+``layer3``), and EfficientNet-Lite0 at 128×128, batch 32 (the pretrained regime's size; CAM layer ``layer4``, the
+1280-channel map that feeds pooling). Each timed step is a full training step (forward, loss, backward, optimizer
+step) of:
 
   erm      two-head ERM: CE(label) + CE(confounder)
   fused    the same + the Dice penalty on both heads' Grad-CAMs, from the one forward pass
-           (ex2l_xai.cam.head_cams, default method="auto": the structured backward of ex2l_xai.cam_structured)
+           (ex2l_xai.cam.head_cams, default method="auto": the closed form W[target]/(hw) where the forward pass
+           proves the CAM layer feeds pooling + linear (every ``layer4``), else the structured backward of
+           ex2l_xai.cam_structured (ResNet ``layer3``))
   autograd the fused path with method="autograd": torch.autograd.grad(create_graph=True) per head, then the
            double backward (what "fused" measured before the structured path existed)
   captum   the same + the Dice penalty with CAMs from captum.attr.LayerGradCam(create_graph=True)
            (an extra forward pass per head, as the paper's implementation does)
 
-at the CAM layers ``layer4`` and ``layer3``. The eight settings run interleaved (one step each, round robin) so
-drift hits all alike; the median of the timed steps after warm-up is reported. The last line printed is one
-JSON object with the ratios ``<path>_over_erm_<layer>`` (median step over median ERM step) and
-``<path>_over_erm_<layer>_paired`` (median over rounds of each step over the ERM step of the same round, which
-cancels the slow and fast phases of a shared machine).
+All settings run interleaved (one step each, round robin) so drift hits all alike; the median of the timed
+steps after warm-up is reported. The last line printed is one JSON object with the ratios
+``<path>_over_erm_<layer>`` (median step over median ERM step) and ``<path>_over_erm_<layer>_paired`` (median
+over rounds of each step over the ERM step of the same round, which cancels the slow and fast phases of a shared
+machine); EfficientNet-Lite0's keys start with ``lite0_``.
 
-    python benchmarks/penalty_overhead.py            # 20 timed steps each, all eight settings
-    python benchmarks/penalty_overhead.py --quick    # 6 steps after 1, without "autograd": under a minute here
+    python benchmarks/penalty_overhead.py            # 20 timed steps each, all settings
+    python benchmarks/penalty_overhead.py --quick    # 6 steps after 1, without "autograd"
 """
 
 from __future__ import annotations
@@ -37,11 +41,16 @@ from ex2l_xai.models import TwoHeadNet
 from ex2l_xai.penalties import similarity
 
 N_LABELS, N_CONF = 4, 6
+#: backbone -> (image size, batch, CAM layers, key prefix)
+BACKBONES = {
+    "resnet18": (64, 64, ("layer4", "layer3"), ""),
+    "efficientnet_lite0": (128, 32, ("layer4",), "lite0_"),
+}
 
 
-def make_step(path: str, layer: str, seed: int = 0):
+def make_step(path: str, layer: str, backbone: str = "resnet18", seed: int = 0):
     torch.manual_seed(seed)
-    model = TwoHeadNet("resnet18", N_LABELS, N_CONF, cam_layer=layer)
+    model = TwoHeadNet(backbone, N_LABELS, N_CONF, cam_layer=layer)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     lay_y, lay_c = model.cam_layers()
@@ -78,24 +87,28 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="timed steps per setting (default 20, quick 6)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 2, quick 1)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--backbones", default=",".join(BACKBONES), help=f"comma-separated, of {list(BACKBONES)}")
     args = ap.parse_args()
     steps = args.steps or (6 if args.quick else 20)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     paths = ("erm", "fused", "captum") if args.quick else ("erm", "fused", "autograd", "captum")
     torch.set_num_threads(args.threads)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, 3, args.size, args.size, generator=g)
-    y = torch.randint(0, N_LABELS, (args.batch,), generator=g)
-    c = torch.randint(0, N_CONF, (args.batch,), generator=g)
-    settings = [(p, layer) for layer in ("layer4", "layer3") for p in paths]
-    fns = {s: make_step(*s) for s in settings}
-    times: dict[tuple[str, str], list[float]] = {s: [] for s in settings}
+    backbones = [b for b in args.backbones.split(",") if b]
+    inputs = {}
+    for b in backbones:
+        size, batch = BACKBONES[b][:2]
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, 3, size, size, generator=g)
+        y = torch.randint(0, N_LABELS, (batch,), generator=g)
+        c = torch.randint(0, N_CONF, (batch,), generator=g)
+        inputs[b] = (x, y, c)
+    settings = [(b, p, layer) for b in backbones for layer in BACKBONES[b][2] for p in paths]
+    fns = {s: make_step(s[1], s[2], s[0]) for s in settings}
+    times: dict[tuple[str, str, str], list[float]] = {s: [] for s in settings}
     for i in range(warmup + steps):
         for s in settings:
             t0 = time.perf_counter()
-            fns[s](x, y, c)
+            fns[s](*inputs[s[0]])
             dt = time.perf_counter() - t0
             if i >= warmup:
                 times[s].append(dt)
@@ -103,20 +116,22 @@ def main() -> None:
     # the same steps, paired by round: each step over the ERM step of its round (a few seconds apart), so a slow
     # phase of a shared machine cancels out instead of landing on whichever setting it happened to hit
     paired = {
-        (p, layer): statistics.median(a / b for a, b in zip(v, times[("erm", layer)], strict=True))
-        for (p, layer), v in times.items()
+        (b, p, layer): statistics.median(a / e for a, e in zip(v, times[(b, "erm", layer)], strict=True))
+        for (b, p, layer), v in times.items()
     }
-    print(f"ResNet-18, {args.size}x{args.size}, batch {args.batch}, CPU ({platform.processor() or platform.machine()}),"
-          f" {torch.get_num_threads()} threads, torch {torch.__version__}, median of {steps} steps after {warmup}")
-    print(f"{'layer':8} {'path':8} {'median s/step':>14} {'x ERM':>7} {'paired':>7}")
+    print(f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}, median of {steps} steps after {warmup}")
+    print(f"{'backbone':19} {'size':>4} {'batch':>5} {'layer':8} {'path':8} {'median s/step':>14} {'x ERM':>7} "
+          f"{'paired':>7}")
     result: dict[str, float | int | str] = {}
-    for (p, layer), m in med.items():
-        ratio = m / med[("erm", layer)]
-        print(f"{layer:8} {p:8} {m:14.4f} {ratio:7.3f} {paired[(p, layer)]:7.3f}")
-        result[f"{p}_seconds_{layer}"] = round(m, 5)
+    for (b, p, layer), m in med.items():
+        size, batch, _, prefix = BACKBONES[b]
+        ratio = m / med[(b, "erm", layer)]
+        print(f"{b:19} {size:4} {batch:5} {layer:8} {p:8} {m:14.4f} {ratio:7.3f} {paired[(b, p, layer)]:7.3f}")
+        result[f"{prefix}{p}_seconds_{layer}"] = round(m, 5)
         if p != "erm":
-            result[f"{p}_over_erm_{layer}"] = round(ratio, 4)
-            result[f"{p}_over_erm_{layer}_paired"] = round(paired[(p, layer)], 4)
+            result[f"{prefix}{p}_over_erm_{layer}"] = round(ratio, 4)
+            result[f"{prefix}{p}_over_erm_{layer}_paired"] = round(paired[(b, p, layer)], 4)
     result["steps"] = steps
     print(json.dumps(result))
 

@@ -23,7 +23,15 @@ log = logging.getLogger(__name__)
 
 Architecture = Literal["shared", "dual"]
 
-__all__ = ["BACKBONES", "Backbone", "FrozenPrefixCache", "TwoHeadNet", "TwoHeadOutput", "build_backbone"]
+__all__ = [
+    "BACKBONES",
+    "Backbone",
+    "FrozenPrefixCache",
+    "TwoHeadNet",
+    "TwoHeadOutput",
+    "build_backbone",
+    "prefix_cache",
+]
 
 
 class TwoHeadOutput(NamedTuple):
@@ -38,7 +46,10 @@ class FrozenPrefixCache:
     """Outputs of a frozen prefix, addressed by the content of each input image (a 128-bit BLAKE2b digest of its
     bytes, shape and dtype), so it can never return another image's features. Each missing image is computed alone
     (batch of one), so a cached value does not depend on which batch first asked for it: a run is the same
-    function of its data whether or not it was resumed. Stops growing past ``limit_bytes`` (then computes)."""
+    function of its data whether or not it was resumed. Stops growing past ``limit_bytes`` (then computes).
+
+    One cache serves every model of the process whose frozen prefix holds the same weights (:func:`prefix_cache`:
+    the demo's three models, built from the same ImageNet weights, compute each image's prefix once)."""
 
     def __init__(self, limit_bytes: int = 4 << 30) -> None:
         self.store: dict[bytes, Tensor] = {}
@@ -75,6 +86,34 @@ class FrozenPrefixCache:
         """Forget every stored output."""
         self.store.clear()
         self.nbytes = 0
+
+
+_PREFIX_CACHES: dict[bytes, FrozenPrefixCache] = {}
+_PREFIX_CACHE_BUDGET = 4 << 30  # bytes over all caches of the process
+
+
+def _weights_digest(modules: list[nn.Module]) -> bytes:
+    """Digest of the names, shapes and values of the parameters and buffers of ``modules``."""
+    h = hashlib.blake2b(digest_size=16)
+    for i, m in enumerate(modules):
+        for name, t in m.state_dict().items():
+            t = t.detach().contiguous().cpu()
+            h.update(f"{i}.{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.digest()
+
+
+def prefix_cache(modules: list[nn.Module]) -> FrozenPrefixCache:
+    """The process's cache for a frozen prefix made of ``modules``: shared by every prefix with the same
+    architecture and weights (so never by two that could compute different outputs). The caches of a process
+    share one memory budget of 4 GiB; past it they stop growing."""
+    key = _weights_digest(modules) + str([type(m).__name__ for m in modules]).encode()
+    cache = _PREFIX_CACHES.get(key)
+    if cache is None:
+        used = sum(c.nbytes for c in _PREFIX_CACHES.values())
+        cache = FrozenPrefixCache(limit_bytes=max(0, _PREFIX_CACHE_BUDGET - used))
+        _PREFIX_CACHES[key] = cache
+    return cache
 
 
 class TwoHeadNet(nn.Module):
@@ -194,7 +233,9 @@ class TwoHeadNet(nn.Module):
         hooked = any(m._forward_hooks or m._forward_pre_hooks for s in body.stages()[:n] for m in s.modules())
         if self._caches is None or x.requires_grad or hooked:
             return body(x, stop=n)
-        cache = self._caches.setdefault(id(body.stem), FrozenPrefixCache())
+        cache = self._caches.get(id(body.stem))
+        if cache is None:  # looked up once per backbone (and again after load_state_dict)
+            cache = self._caches[id(body.stem)] = prefix_cache([body.input_norm, *body.stages()[:n]])
         return cache(lambda xi: body(xi, stop=n), x)
 
     def _features(self, body: Backbone, x: Tensor, prefix: Tensor | None) -> Tensor:

@@ -141,13 +141,16 @@ def test_dual_backbones_share_an_equal_frozen_prefix() -> None:
 
 
 def test_prefix_cache_is_content_addressed_and_exact() -> None:
-    net = _net(freeze="layer3", cache_frozen=True).eval()
-    ref = _net(freeze="layer3").eval()
+    torch.manual_seed(7)  # weights no other test builds: a cache of its own
+    net = TwoHeadNet("resnet18", 3, 4, freeze="layer3", cache_frozen=True).eval()
+    ref = TwoHeadNet("resnet18", 3, 4, freeze="layer3").eval()
+    ref.load_state_dict(net.state_dict())
     x = torch.rand(6, 3, 32, 32)
     with torch.no_grad():
         first = net(x).label
         cache = next(iter(net._caches.values()))
-        assert (cache.misses, cache.hits) == (6, 0)
+        misses, hits = cache.misses, cache.hits
+        assert misses == 6 and hits == 0
         second = net(x[[3, 1, 5]]).label  # another batch, another order: served from the cache
         assert (cache.misses, cache.hits) == (6, 3)
         other = net(x.flip(0)[:1] + 1e-3).label  # a different image is computed, not looked up
@@ -167,6 +170,20 @@ def test_prefix_cache_is_content_addressed_and_exact() -> None:
         net(x[:2])
     handle.remove()
     assert seen and cache.hits == 3
+    # another model with the same frozen weights (another head, another seed for the rest) shares the cache;
+    # one whose frozen weights differ by one value does not
+    torch.manual_seed(8)
+    twin = TwoHeadNet("resnet18", 5, 0, freeze="layer3", cache_frozen=True).eval()
+    twin.load_state_dict({k: v for k, v in net.state_dict().items() if k.startswith("backbone.")}, strict=False)
+    with torch.no_grad():
+        twin(x)
+    assert (cache.misses, cache.hits) == (7, 9)
+    with torch.no_grad():
+        twin.backbone.layer1[0].conv1.weight[0, 0, 0, 0] += 1.0
+    twin.load_state_dict(twin.state_dict())  # a load re-keys the cache by the new weights
+    with torch.no_grad():
+        twin(x)
+    assert (cache.misses, cache.hits) == (7, 9) and next(iter(twin._caches.values())) is not cache
 
 
 def test_init_from_a_run_and_its_errors(tmp_path) -> None:
