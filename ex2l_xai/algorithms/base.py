@@ -23,6 +23,13 @@ PyTorch Lightning module does:
 - ``evaluation_subset(split)``: samples of an evaluation split the algorithm fitted on, left out of its metrics
   (DFR fits on one half of ``val`` and is selected on the other).
 - ``predict(x)`` (label logits), ``epoch_stats()`` (statistics of the epoch, reset on read).
+- ``ddp_find_unused_parameters()``: True when a step may leave trainable parameters out of its loss (DANN's
+  discriminator steps), for DDP.
+
+Under DDP (``torchrun``, :mod:`ex2l_xai.distributed`) a step sees this rank's share of the global batch and DDP
+averages the gradients over ranks: a loss that is a mean over the batch's samples needs nothing more. A loss
+built from statistics of the whole batch sums them over ranks with
+:func:`ex2l_xai.distributed.all_reduce_sum` (``differentiable=True``), as GroupDRO's group losses do.
 
 State that must survive a resume lives in buffers or parameters (``state_dict``, saved in ``checkpoint.pt``).
 The model is a :class:`~ex2l_xai.models.TwoHeadNet` (its ``best.pt`` is what the analysis layer loads); an
@@ -209,6 +216,13 @@ class Algorithm(nn.Module):
     def epoch_stats(self) -> dict[str, float]:
         """Statistics gathered over the epoch (reset on read)."""
         return {}
+
+    # ---- distributed --------------------------------------------------------------------------------------
+    def ddp_find_unused_parameters(self) -> bool:
+        """Whether some step may leave a trainable parameter out of the loss (DDP must then look for them
+        after every forward, ``find_unused_parameters=True``; it costs a walk of the graph). False: every step's
+        loss reaches every parameter that requires grad."""
+        return False
 
 
 def params_from_dict(name: str, values: dict[str, Any]) -> Params:

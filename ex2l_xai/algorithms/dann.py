@@ -115,6 +115,10 @@ class DANN(Algorithm):
         )
         return {"model": build(self.model.parameters()), "disc": disc}
 
+    def ddp_find_unused_parameters(self) -> bool:
+        """A discriminator step's loss does not reach the model: DDP must find the parameters it leaves out."""
+        return True
+
     def discriminator_loss(self, z: Tensor, d: Tensor) -> Tensor:
         """CE of the discriminator on features ``z`` against environment classes ``d``, plus the gradient
         penalty on ``z`` when ``grad_penalty`` > 0 (``z`` must then require grad)."""

@@ -141,6 +141,11 @@ class Ex2l(Algorithm):
             self.anchor.eval()
         return self
 
+    def ddp_find_unused_parameters(self) -> bool:
+        """Without a confounder CE (``conf_weight`` 0) the confounder branch is reached only by the penalty, which
+        is off while λ is 0 (warm-up) or cut by ``stop_grad``: DDP must then look for unused parameters."""
+        return self.params.conf_weight == 0
+
     def penalty(self, label_cam: Tensor, conf_cam: Tensor) -> Tensor:
         """Per-sample penalty P_i (B,) of the CAM variants; ``label_cam`` may be (B, C, h, w) for all classes."""
         p = self.params

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ex2l_xai.algorithms.base import Algorithm, Params, TrainInfo, group_ids, per_sample_ce, register
+from ex2l_xai.distributed import all_reduce_sum
 from ex2l_xai.errors import ConfigError
 from ex2l_xai.models import TwoHeadNet
 
@@ -46,10 +47,13 @@ class GroupDRO(Algorithm):
         self.register_buffer("adj", adj)
 
     def group_losses(self, losses: Tensor, groups: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean loss of each group (0 where absent) and a mask of the groups present."""
+        """Mean loss of each group (0 where absent) and a mask of the groups present, over the global batch: under
+        DDP the groups' sums and counts are summed over ranks (differentiably), so every rank updates q with the
+        group losses of the whole batch and the averaged gradient is that of the one-process loss."""
         n = self.info.n_groups
         sums = torch.zeros(n, dtype=losses.dtype, device=losses.device).index_add(0, groups, losses)
         counts = torch.zeros(n, dtype=losses.dtype, device=losses.device).index_add(0, groups, torch.ones_like(losses))
+        sums, counts = all_reduce_sum(sums, differentiable=True), all_reduce_sum(counts)
         present = counts > 0
         return sums / counts.clamp_min(1), present
 

@@ -1,5 +1,9 @@
 """Evaluation: predictions over a split, DESIGN.md's metrics dict ``M``, and the evaluation of a trained
-algorithm on every evaluation split in one function (what the trainer calls after an evaluated epoch)."""
+algorithm on every evaluation split in one function (what the trainer calls after an evaluated epoch).
+
+Under DDP each rank predicts its share of a split (positions ``rank, rank + world, ...``, see
+:func:`~ex2l_xai.train.loaders.eval_loader`) and the predictions of all ranks are gathered back into the split's
+order before any metric is taken: every rank computes the metrics of the whole split."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from ex2l_xai import distributed
 from ex2l_xai.algorithms import Algorithm
 from ex2l_xai.config import Config
 from ex2l_xai.data import get_dataset
@@ -24,11 +29,27 @@ from ex2l_xai.train.rundir import load_run
 __all__ = ["Predictor", "evaluate", "evaluate_algorithm", "predict_split", "split_metrics"]
 
 
+def _interleave(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Rank r's arrays hold positions r, r + world, ... of the split: put them back in the split's order."""
+    world = len(parts)
+    out = {}
+    for key in parts[0]:
+        n = sum(len(p[key]) for p in parts)
+        full = np.empty(n, dtype=parts[0][key].dtype)
+        for r, p in enumerate(parts):
+            full[r::world] = p[key]
+        out[key] = full
+    return out
+
+
 @torch.no_grad()
-def predict_split(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, np.ndarray]:
+def predict_split(
+    model: nn.Module, loader: DataLoader, device: torch.device, *, gather: bool = False
+) -> dict[str, np.ndarray]:
     """Predicted labels, labels, confounders and the per-sample cross-entropy of the label (``nll``) over a
     loader (``model(x)`` returns label logits or an output whose first entry is); the model's train/eval mode is
-    restored afterwards."""
+    restored afterwards. With ``gather`` under DDP, ``loader`` is this rank's share of the split and the result
+    is the whole split's, in order (every rank must call it)."""
     was_training = model.training
     model.eval()
     preds, labels, confs, nlls = [], [], [], []
@@ -43,18 +64,25 @@ def predict_split(model: nn.Module, loader: DataLoader, device: torch.device) ->
             nlls.append(F.cross_entropy(logits.float(), target, reduction="none").cpu())
     finally:
         model.train(was_training)
-    return {
-        "pred": torch.cat(preds).numpy(),
-        "label": torch.cat(labels).numpy(),
-        "confounder": torch.cat(confs).numpy(),
-        "nll": torch.cat(nlls).numpy(),
+    cat = {
+        "pred": torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long),
+        "label": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
+        "confounder": torch.cat(confs) if confs else torch.zeros(0, dtype=torch.long),
+        "nll": torch.cat(nlls) if nlls else torch.zeros(0),
     }
+    out = {k: v.numpy() for k, v in cat.items()}
+    if gather and distributed.is_active():
+        out = _interleave(distributed.all_gather_objects(out))
+    return out
 
 
-def split_metrics(model: nn.Module, loader: DataLoader, dataset: Any, device: torch.device) -> dict[str, Any]:
+def split_metrics(
+    model: nn.Module, loader: DataLoader, dataset: Any, device: torch.device, *, gather: bool = False
+) -> dict[str, Any]:
     """DESIGN.md's metrics dict ``M`` of ``model`` over ``loader`` (samples of ``dataset``), plus ``nll``: the mean
-    cross-entropy of the label (model selection breaks ties of the validation accuracy with it)."""
-    p = predict_split(model, loader, device)
+    cross-entropy of the label (model selection breaks ties of the validation accuracy with it); ``gather``: see
+    :func:`predict_split`."""
+    p = predict_split(model, loader, device, gather=gather)
     groups = p["label"] * dataset.n_confounders + p["confounder"]
     metrics = group_metrics(p["pred"], p["label"], groups, dataset.groups)
     metrics["nll"] = float(p["nll"].mean()) if len(p["nll"]) else float("nan")
@@ -81,16 +109,18 @@ def evaluate_algorithm(
     loaders: dict[str, DataLoader] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Metrics dict of ``algorithm`` on each of ``splits``, on the samples it did not fit on
-    (:meth:`~ex2l_xai.algorithms.Algorithm.evaluation_subset`); ``loaders`` are reused for whole splits."""
+    (:meth:`~ex2l_xai.algorithms.Algorithm.evaluation_subset`); ``loaders`` are reused for whole splits. Under
+    DDP every rank predicts its share and gets the metrics of the whole split."""
     predictor = Predictor(algorithm)
+    rank, world = distributed.rank(), distributed.world_size()
     out = {}
     for split in splits:
         subset = algorithm.evaluation_subset(split)
         if subset is None and loaders is not None and split in loaders:
             loader = loaders[split]
         else:
-            loader = eval_loader(config, datasets[split], device=device, indices=subset)
-        out[split] = split_metrics(predictor, loader, datasets[split], device)
+            loader = eval_loader(config, datasets[split], device=device, indices=subset, rank=rank, world=world)
+        out[split] = split_metrics(predictor, loader, datasets[split], device, gather=True)
     return out
 
 

@@ -3,6 +3,13 @@ resume. Everything algorithm-specific comes through the hooks of :class:`~ex2l_x
 
 The pieces a distributed run replaces are each in one place: the loaders (:mod:`ex2l_xai.train.loaders`),
 :func:`optimizer_step` (backward, clipping and every optimiser's step), and :func:`evaluate_algorithm`.
+
+Under DDP (a process group open, :mod:`ex2l_xai.distributed`) the algorithm's training step runs inside
+``torch.nn.parallel.DistributedDataParallel`` (so its backward all-reduces the gradients; frozen parameters are
+left out, as DDP leaves out every parameter without ``requires_grad``), the batch norms compute global-batch
+statistics (:mod:`ex2l_xai.train.syncbn`), each step's loss parts are averaged over ranks (a non-finite loss on
+any rank stops every rank), and only rank 0 writes the run folder. The algorithm, its model and the checkpoints
+stay unwrapped: a DDP run's folder loads like any other.
 """
 
 from __future__ import annotations
@@ -20,9 +27,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ex2l_xai import distributed
 from ex2l_xai.algorithms import Algorithm, Stage, StageContext, StepContext, StepOutput
 from ex2l_xai.config import Config, dump_config
-from ex2l_xai.errors import Ex2lError, TrainingError
+from ex2l_xai.errors import ConfigError, Ex2lError, TrainingError
 from ex2l_xai.fileio import append_line, atomic_save, atomic_write, atomic_write_json
 from ex2l_xai.train.builders import (
     EVAL_SPLITS,
@@ -46,6 +54,7 @@ from ex2l_xai.train.rundir import (
     summary_line,
     truncate_metrics,
 )
+from ex2l_xai.train.syncbn import sync_batchnorm
 
 log = logging.getLogger("ex2l_xai.train")
 
@@ -69,6 +78,10 @@ def train(config: Config, out_dir: str | os.PathLike[str], *, quiet: bool = Fals
     quiet : bool
         No progress bars; per-epoch summaries at DEBUG instead of INFO level.
 
+    Under ``torchrun`` (a process group open, see :func:`ex2l_xai.distributed.process_group`) every rank calls
+    it with the same arguments; the run is trained with DDP, ``data.batch_size`` is the global batch, and rank 0
+    writes the folder (``results.json`` then holds ``world_size``).
+
     Raises
     ------
     TrainingError
@@ -77,8 +90,41 @@ def train(config: Config, out_dir: str | os.PathLike[str], *, quiet: bool = Fals
         When the algorithm cannot train on the data (e.g. an environment-based method with one environment).
     """
     out = Path(out_dir)
-    quiet = quiet or config.train.quiet
+    quiet = quiet or config.train.quiet or not distributed.is_main()
     level = logging.DEBUG if quiet else logging.INFO
+    # rank 0 checks and prepares the folder; every rank learns the outcome (so an error stops them all)
+    outcome: tuple[str, Any] = ("go", None)
+    failure: Ex2lError | None = None
+    if distributed.is_main():
+        try:
+            outcome = _prepare_folder(config, out, level)
+        except Ex2lError as exc:
+            if not distributed.is_active():
+                raise
+            failure, outcome = exc, ("error", (isinstance(exc, ConfigError), str(exc)))
+    kind, value = distributed.broadcast_object(outcome)
+    if failure is not None:
+        raise failure
+    if kind == "error":
+        raise (ConfigError if value[0] else TrainingError)(value[1])
+    if kind == "done":
+        return value
+
+    device = resolve_device(config.train.device)
+    if distributed.is_active() and device.type == "cuda":
+        device = torch.device("cuda", distributed.local_rank() % torch.cuda.device_count())
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = config.train.deterministic
+        torch.backends.cudnn.benchmark = not config.train.deterministic
+    seed_everything(config.seed)
+    datasets = build_datasets(config)
+    algorithm = build_run_algorithm(config, datasets["train"], device)
+    return _Run(config, out, algorithm, datasets, device, quiet).run()
+
+
+def _prepare_folder(config: Config, out: Path, level: int) -> tuple[str, Any]:
+    """Check ``out`` against ``config`` and write its ``config.yaml``: ``("done", results)`` for a finished run,
+    else ``("go", None)``."""
     out.mkdir(parents=True, exist_ok=True)
     cfg_file = out / "config.yaml"
     if cfg_file.exists():
@@ -89,17 +135,9 @@ def train(config: Config, out_dir: str | os.PathLike[str], *, quiet: bool = Fals
         except (OSError, json.JSONDecodeError) as exc:
             raise TrainingError(f"{out}: marked done but results.json is unreadable ({exc})") from exc
         log.log(level, "%s: already done, skipped (%s)", out, config.algorithm_name)
-        return results
+        return "done", results
     atomic_write(cfg_file, dump_config(config))
-
-    device = resolve_device(config.train.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.deterministic = config.train.deterministic
-        torch.backends.cudnn.benchmark = not config.train.deterministic
-    seed_everything(config.seed)
-    datasets = build_datasets(config)
-    algorithm = build_run_algorithm(config, datasets["train"], device)
-    return _Run(config, out, algorithm, datasets, device, quiet).run()
+    return "go", None
 
 
 def check_stages(name: str, stages: list[Stage]) -> None:
@@ -173,12 +211,28 @@ class _Run:
         self.stages = algorithm.stages()
         check_stages(self.name, self.stages)
         self.total = sum(s.epochs for s in self.stages)
+        self.rank, self.world, self.main = distributed.rank(), distributed.world_size(), distributed.is_main()
         self.eval_splits = [s for s in EVAL_SPLITS if s in datasets]
-        self.eval_loaders = {s: eval_loader(config, datasets[s], device=device) for s in self.eval_splits}
+        self.eval_loaders = {s: eval_loader(config, datasets[s], device=device, rank=self.rank, world=self.world)
+                             for s in self.eval_splits}
         self.ckpt_file, self.metrics_file, self.best_file = out / "checkpoint.pt", out / "metrics.jsonl", out / "best.pt"
         self.step, self.elapsed = 0, 0.0
         self.best: dict[str, Any] | None = None  # {"epoch", "score", "record"}
         self.show_bar = not quiet and sys.stderr.isatty()
+        self.stepper = _Stepper(algorithm)
+        self.ddp: nn.Module | None = None
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            sync_batchnorm(algorithm, device)
+            # buffers are equal on every rank by construction (global-batch norms, all-reduced GroupDRO q), so
+            # nothing is broadcast per step; the constructor still broadcasts rank 0's parameters and buffers once
+            self.ddp = DistributedDataParallel(
+                self.stepper,
+                device_ids=None,
+                forward_sync_buffers=False,
+                find_unused_parameters=algorithm.ddp_find_unused_parameters(),
+            )
 
     # ---- stage helpers ------------------------------------------------------------------------------------
     def _fresh_model(self) -> nn.Module:
@@ -206,9 +260,11 @@ class _Run:
 
     # ---- resume -------------------------------------------------------------------------------------------
     def _load_checkpoint(self) -> dict[str, Any] | None:
-        if not self.ckpt_file.exists():
-            self.metrics_file.unlink(missing_ok=True)
-            self.best_file.unlink(missing_ok=True)
+        found = distributed.broadcast_object(self.ckpt_file.exists())  # rank 0's view of the folder
+        if not found:
+            if self.main:
+                self.metrics_file.unlink(missing_ok=True)
+                self.best_file.unlink(missing_ok=True)
             return None
         try:
             ckpt = torch.load(self.ckpt_file, map_location="cpu", weights_only=True)  # RNG states stay on the CPU
@@ -221,7 +277,13 @@ class _Run:
             ) from exc
         set_rng_state(ckpt["rng"])
         self.step, self.elapsed, self.best = ckpt["step"], ckpt["elapsed"], ckpt["best"]
-        truncate_metrics(self.metrics_file, ckpt["epoch"])
+        if self.main:
+            truncate_metrics(self.metrics_file, ckpt["epoch"])
+        before = ckpt.get("world_size", 1)
+        if before != self.world:
+            log.warning("%s: resuming a run of %d process(es) with %d: the batches of the remaining epochs are "
+                        "dealt out differently, so it will not equal an uninterrupted run", self.out, before,
+                        self.world)
         log.log(self.level, "%s: resuming %s after epoch %d", self.out, self.name, ckpt["epoch"])
         return ckpt
 
@@ -240,6 +302,7 @@ class _Run:
     # ---- the run ------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         ckpt = self._load_checkpoint()
+        distributed.barrier()  # every rank has read the folder before rank 0 writes to it again
         first_epoch = ckpt["epoch"] if ckpt is not None else 0
         start = 0
         for stage in self.stages:
@@ -249,8 +312,12 @@ class _Run:
             start = end
         assert self.best is not None  # the last stage is selectable and its last epoch always evaluated
         results = results_of(self.config, self.best, self.total, self.elapsed)
-        atomic_write_json(self.out / "results.json", results)
-        (self.out / "done").touch()
+        if self.world > 1:
+            results["world_size"] = self.world
+        if self.main:
+            atomic_write_json(self.out / "results.json", results)
+            (self.out / "done").touch()
+        distributed.barrier()
         log.log(self.level, "%s: done in %.1f s (selected epoch %d)", self.out, self.elapsed, self.best["epoch"])
         return results
 
@@ -276,7 +343,7 @@ class _Run:
                     s.step()
             else:
                 lr, losses = None, {k: float(v) for k, v in self.algorithm.fit(stage, ctx).items()}
-            stats = {k: float(v) for k, v in self.algorithm.epoch_stats().items()}
+            stats = self._mean_over_ranks({k: float(v) for k, v in self.algorithm.epoch_stats().items()})
             done_epoch = epoch + 1
             last_of_stage = done_epoch == start + stage.epochs
             if done_epoch % self.config.train.eval_every == 0 or last_of_stage or stage.kind == "fit":
@@ -290,7 +357,7 @@ class _Run:
         train_set = self.datasets["train"]
         indices = self.algorithm.train_indices(stage, train_set)
         loader = train_loader(self.config, train_set, seed=self.seed * 1000 + epoch, device=self.device,
-                              indices=indices)
+                              indices=indices, rank=self.rank, world=self.world)
         lr = optimizers["model"].param_groups[0]["lr"]
         self.algorithm.train()
         sums: dict[str, float] = {}
@@ -300,8 +367,8 @@ class _Run:
         bar = tqdm(loader, desc=f"{label} epoch {epoch + 1}/{self.total}", disable=not self.show_bar, leave=False)
         for batch in bar:
             batch = to_device(batch, self.device)
-            out = self.algorithm.training_step(batch, StepContext(stage_epoch, self.step, stage))
-            if not torch.isfinite(out.loss.detach()):
+            out = self._training_step(batch, StepContext(stage_epoch, self.step, stage))
+            if not self._all_finite(out):
                 kept_msg = (
                     f"the last good checkpoint (epoch {epoch}) is kept in {self.ckpt_file}"
                     if self.ckpt_file.exists()
@@ -323,6 +390,37 @@ class _Run:
         bar.close()
         return lr, {k: v / counts[k] for k, v in sums.items()}
 
+    def _training_step(self, batch: dict[str, Any], ctx: StepContext) -> StepOutput:
+        """The algorithm's step, inside DDP's forward under DDP (its backward then all-reduces the gradients)."""
+        if self.ddp is None:
+            return self.algorithm.training_step(batch, ctx)
+        loss = self.ddp(batch, ctx)
+        out = self.stepper.last
+        assert out is not None
+        out.loss = loss  # DDP's output, which its backward hooks are attached to
+        return out
+
+    def _all_finite(self, out: StepOutput) -> bool:
+        """Whether every rank's loss is finite; under DDP the step's logged parts become their mean over ranks
+        (the whole global batch's, for parts that are batch means)."""
+        finite = bool(torch.isfinite(out.loss.detach()))
+        if self.world == 1:
+            return finite
+        keys = sorted(out.parts)
+        values = torch.tensor([0.0 if finite else 1.0, *(float(out.parts[k]) for k in keys)], dtype=torch.float64,
+                              device=self.device)
+        values = distributed.all_reduce_sum(values)
+        out.parts = {k: float(v) / self.world for k, v in zip(keys, values[1:].tolist(), strict=True)}
+        return bool(values[0] == 0)
+
+    def _mean_over_ranks(self, stats: dict[str, float]) -> dict[str, float]:
+        """The epoch statistics averaged over ranks (keys every rank reports)."""
+        if self.world == 1:
+            return stats
+        every = distributed.all_gather_objects(stats)
+        keys = [k for k in stats if all(k in s for s in every)]
+        return {k: sum(s[k] for s in every) / len(every) for k in keys}
+
     def _evaluate(
         self, stage: Stage, done_epoch: int, lr: float | None, losses: dict[str, float], stats: dict[str, float], t0: float
     ) -> None:
@@ -338,13 +436,18 @@ class _Run:
                 self.best = {"epoch": done_epoch, "score": score, "record": record}
                 subsets = {s: [int(i) for i in sub] for s in self.eval_splits
                            if (sub := self.algorithm.evaluation_subset(s)) is not None}
-                payload = best_payload(self.config, self.algorithm.model, self.datasets["train"], self.best, subsets)
-                atomic_save(self.best_file, partial(torch.save, payload))
+                if self.main:
+                    payload = best_payload(self.config, self.algorithm.model, self.datasets["train"], self.best,
+                                           subsets)
+                    atomic_save(self.best_file, partial(torch.save, payload))
         record["seconds"] = time.time() - t0
-        append_line(self.metrics_file, record)
+        if self.main:
+            append_line(self.metrics_file, record)
         log.log(self.level, "%s", summary_line(self.name, done_epoch, self.total, record))
 
     def _checkpoint(self, done_epoch: int, optimizers: dict, schedulers: dict) -> None:
+        if not self.main:
+            return
         checkpoint: dict[str, Any] = {
             "epoch": done_epoch,
             "step": self.step,
@@ -360,4 +463,20 @@ class _Run:
             checkpoint["schedulers"] = {n: schedulers[n].state_dict() for n in others}
         checkpoint["rng"] = rng_state()
         checkpoint["best"] = self.best
+        if self.world > 1:
+            checkpoint["world_size"] = self.world
         atomic_save(self.ckpt_file, partial(torch.save, checkpoint))
+
+
+class _Stepper(nn.Module):
+    """The algorithm's training step as a module's forward, for DDP to wrap: returns the loss, keeps the whole
+    :class:`StepOutput` in ``last``."""
+
+    def __init__(self, algorithm: Algorithm) -> None:
+        super().__init__()
+        self.algorithm = algorithm
+        self.last: StepOutput | None = None
+
+    def forward(self, batch: dict[str, Any], ctx: StepContext) -> torch.Tensor:
+        self.last = self.algorithm.training_step(batch, ctx)
+        return self.last.loss
