@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(VPY) -m pip install -q -e '.[dev,docs]'
+	$(VPY) -m pip install -q -e '.[dev,docs,cluster]'
 	touch $(STAMP)
 
 demo: $(STAMP)
