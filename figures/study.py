@@ -33,12 +33,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import multiprocessing
 import re
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +46,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from ex2l_xai.fileio import atomic_write, atomic_write_json  # noqa: E402
+from ex2l_xai.launch import LAUNCHERS  # noqa: E402
 
 log = logging.getLogger("study")
 
@@ -361,34 +360,45 @@ def jobs_of(regime: Regime, root: Path, seeds: list[int], only: str = "") -> lis
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    """Train what is missing, wave by wave, through the chosen launcher (ex2l_xai.launch): local processes, or
+    submitit (slurm, or its local/debug executors). Failed runs are logged with their log files; they resume at
+    the next call."""
+    from ex2l_xai.launch import Job, LaunchOptions, launch
 
     regime = REGIMES[args.regime]
     root = Path(args.root)
     waves = jobs_of(regime, root, args.seeds, args.only)
     total = sum(len(w) for w in waves)
-    log.info("%d configurations to run in %s with %d processes", total, root, args.jobs)
+    options = LaunchOptions(
+        launcher=args.launcher,
+        workers=args.jobs,
+        partition=args.partition,
+        gpus_per_job=args.gpus,
+        tasks_per_job=args.tasks_per_job,
+        cpus_per_task=args.cpus,
+        mem_gb=args.mem_gb,
+        time_min=args.time,
+        array_parallelism=args.array_parallelism,
+        slurm_args=dict(kv.split("=", 1) for kv in args.slurm_arg),
+        start_method="spawn" if args.device != "cpu" else "fork",  # no fork after CUDA init
+    )
+    jobs = [
+        [
+            Job(f"{b}/{m}/seed{s}", _train_one,
+                (regime.name, b, m, s, str(root), args.threads, tuple(args.set), args.device),
+                skip_if=str(run_dir(root, b, m, s) / "study_metrics.json"))
+            for b, m, s in wave
+        ]
+        for wave in waves
+    ]
+    log.info("%d configurations to run in %s through the %s launcher", total, root, args.launcher)
     t0 = time.time()
-    failures = 0
-    ctx = multiprocessing.get_context("spawn" if args.device != "cpu" else "fork")  # no fork after CUDA init
-    with tqdm(total=total, desc=f"study ({regime.name})", disable=args.quiet) as bar:
-        for wave in waves:
-            with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
-                futures = {
-                    pool.submit(_train_one, regime.name, b, m, s, str(root), args.threads, tuple(args.set),
-                                args.device): (b, m, s)
-                    for b, m, s in wave
-                }
-                for fut in as_completed(futures):
-                    bar.update(1)
-                    try:
-                        name, secs, _ = fut.result()
-                        log.info("%s done in %.0f s", name, secs)
-                    except Exception as exc:  # keep going; the run folder resumes next time
-                        failures += 1
-                        log.error("%s failed: %s", "/".join(map(str, futures[fut])), exc)
-    log.info("study: %d runs in %.0f s, %d failed", total, time.time() - t0, failures)
-    return 1 if failures else 0
+    report = launch(jobs, options, args.log_dir or root / "logs", name=f"study-{regime.name}",
+                    by_value=[sys.modules[_train_one.__module__]])
+    for f in report.failed:  # the run folder resumes next time
+        log.error("%s failed: %s (log: %s)", f.name, f.error, f.log)
+    log.info("study: %d runs in %.0f s, %d failed", total, time.time() - t0, len(report.failed))
+    return 1 if report.failed else 0
 
 
 # ---- aggregation --------------------------------------------------------------------------------------------
@@ -573,11 +583,27 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
         p.add_argument("--quiet", action="store_true")
         if name in ("run", "all"):
-            p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
+            p.add_argument("--jobs", type=int, default=1, help="runs in parallel (local launcher: processes)")
             p.add_argument("--threads", type=int, default=1, help="torch threads per run")
             p.add_argument("--only", default="", help="regex on '<benchmark>/<method>'")
             p.add_argument("--set", nargs="*", default=[], help="extra overrides for every run (tests: tiny runs)")
             p.add_argument("--device", default="cpu", help="train.device of every run (cpu, cuda, auto)")
+            g = p.add_argument_group("launcher (ex2l_xai.launch; see docs/scaling.md)")
+            g.add_argument("--launcher", choices=LAUNCHERS, default="local",
+                           help="local processes (default), slurm (submitit), submitit-local or debug")
+            g.add_argument("--log-dir", default=None, help="job logs (default <root>/logs)")
+            g.add_argument("--partition", default=None, help="slurm: partition")
+            g.add_argument("--gpus", type=int, default=0, help="slurm: GPUs per run (one DDP task per GPU)")
+            g.add_argument("--tasks-per-job", type=int, default=None,
+                           help="processes per run (default: one per GPU, else 1); > 1 trains each run with DDP")
+            g.add_argument("--cpus", type=int, default=4, help="slurm: CPUs per task")
+            g.add_argument("--mem-gb", type=int, default=None, help="slurm: memory per node")
+            g.add_argument("--time", type=int, default=240, help="slurm: minutes per job (preempted or timed-out "
+                           "jobs are requeued and resume)")
+            g.add_argument("--array-parallelism", type=int, default=32,
+                           help="slurm: jobs of a wave's array running at once")
+            g.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE",
+                           help="slurm: an extra #SBATCH option, e.g. account=lab (repeatable)")
         if name in ("report", "all"):
             p.add_argument("--md", default="", help="rewrite the regime's study section of this markdown file")
     args = ap.parse_args(argv)

@@ -2,9 +2,11 @@
 
 import importlib.util
 import json
+import logging
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,3 +77,27 @@ def test_runs_that_start_from_another_run_come_in_a_second_wave(tmp_path: Path) 
     metrics = [json.loads(x) for x in (tmp_path / "m2m_hard/singh_dual/seed0/metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["loss"]["anchor"] >= 0.0
     assert study.jobs_of(pre, tmp_path, [0], only="^m2m_hard/singh_dual$") == []
+
+
+def test_study_runs_through_submitit_and_reports_a_failed_run_with_its_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--launcher submitit-local: each run is a submitit job (the study's worker pickled by value); a run that fails
+    (here: a folder started with another configuration) is reported with its log and the command exits 1."""
+    pytest.importorskip("submitit")
+    study = _study()
+    bad = tmp_path / "m2m_hard/erm/seed0"
+    bad.mkdir(parents=True)
+    (bad / "config.yaml").write_text("seed: 5\n")
+    args = ["run", "--regime", "scratch", "--root", str(tmp_path), "--seeds", "0", "--only",
+            "^m2m_hard/(erm|paper_l0.1)$", "--launcher", "submitit-local", "--time", "20", "--threads", "1",
+            "--quiet", "--set", *TINY]
+    with caplog.at_level(logging.ERROR, logger="study"):
+        assert study.main(args) == 1
+    assert (tmp_path / "m2m_hard/paper_l0.1/seed0/done").exists()
+    assert (tmp_path / "m2m_hard/paper_l0.1/seed0/study_metrics.json").exists()  # measured inside the job
+    assert not (bad / "done").exists()
+    failed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("m2m_hard/erm/seed0 failed")]
+    assert failed and "started with another configuration" in failed[0]
+    log = Path(failed[0].rsplit("(log: ", 1)[1].rstrip(")"))
+    assert log.parent == tmp_path / "logs" and "TrainingError" in log.read_text()
