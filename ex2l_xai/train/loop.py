@@ -58,7 +58,7 @@ from ex2l_xai.train.syncbn import sync_batchnorm
 
 log = logging.getLogger("ex2l_xai.train")
 
-__all__ = ["check_optimizers", "check_stages", "optimizer_step", "train"]
+__all__ = ["StepModule", "check_optimizers", "check_stages", "optimizer_step", "train"]
 
 STAGE_KINDS = ("train", "fit")
 
@@ -219,7 +219,7 @@ class _Run:
         self.step, self.elapsed = 0, 0.0
         self.best: dict[str, Any] | None = None  # {"epoch", "score", "record"}
         self.show_bar = not quiet and sys.stderr.isatty()
-        self.stepper = _Stepper(algorithm)
+        self.stepper = StepModule(algorithm)
         self.ddp: nn.Module | None = None
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -468,7 +468,7 @@ class _Run:
         atomic_save(self.ckpt_file, partial(torch.save, checkpoint))
 
 
-class _Stepper(nn.Module):
+class StepModule(nn.Module):
     """The algorithm's training step as a module's forward, for DDP to wrap: returns the loss, keeps the whole
     :class:`StepOutput` in ``last``."""
 
