@@ -13,10 +13,15 @@ Both ``.pt`` files are written atomically and load with ``torch.load(..., weight
 folder without ``done`` resumes from ``checkpoint.pt``; the shuffling of epoch ``e`` and every RNG the epoch uses
 are seeded from ``(seed, e)``, so a resumed run ends exactly where an uninterrupted one does.
 
+Under ``torchrun`` (``WORLD_SIZE`` > 1, a process group opened by :func:`ex2l_xai.distributed.process_group`, as
+``ex2l train`` does) the same call trains one run with DistributedDataParallel: ``data.batch_size`` is the global
+batch, rank 0 writes the folder and ``results.json`` gains ``world_size`` (docs/scaling.md).
+
 The package has one module per job: :mod:`~ex2l_xai.train.builders` (device, datasets, model, algorithm,
-optimiser, schedule), :mod:`~ex2l_xai.train.loaders` (data loaders and samplers), :mod:`~ex2l_xai.train.rng`,
-:mod:`~ex2l_xai.train.evaluation`, :mod:`~ex2l_xai.train.rundir` (the run folder's files and loading a finished
-run) and :mod:`~ex2l_xai.train.loop`. The names below are the public API; import them from ``ex2l_xai.train``.
+optimiser, schedule), :mod:`~ex2l_xai.train.loaders` (data loaders and samplers, per rank under DDP),
+:mod:`~ex2l_xai.train.rng`, :mod:`~ex2l_xai.train.evaluation`, :mod:`~ex2l_xai.train.rundir` (the run folder's
+files and loading a finished run), :mod:`~ex2l_xai.train.syncbn` (global-batch batch norms for DDP) and
+:mod:`~ex2l_xai.train.loop`. The names below are the public API; import them from ``ex2l_xai.train``.
 """
 
 from ex2l_xai.train.builders import (

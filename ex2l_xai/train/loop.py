@@ -219,11 +219,12 @@ class _Run:
         self.step, self.elapsed = 0, 0.0
         self.best: dict[str, Any] | None = None  # {"epoch", "score", "record"}
         self.show_bar = not quiet and sys.stderr.isatty()
-        self.stepper = StepModule(algorithm)
+        self.stepper: StepModule | None = None
         self.ddp: nn.Module | None = None
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
+            self.stepper = StepModule(algorithm)
             sync_batchnorm(algorithm, device)
             # buffers are equal on every rank by construction (global-batch norms, all-reduced GroupDRO q), so
             # nothing is broadcast per step; the constructor still broadcasts rank 0's parameters and buffers once
@@ -392,7 +393,7 @@ class _Run:
 
     def _training_step(self, batch: dict[str, Any], ctx: StepContext) -> StepOutput:
         """The algorithm's step, inside DDP's forward under DDP (its backward then all-reduces the gradients)."""
-        if self.ddp is None:
+        if self.ddp is None or self.stepper is None:
             return self.algorithm.training_step(batch, ctx)
         loss = self.ddp(batch, ctx)
         out = self.stepper.last
