@@ -106,5 +106,7 @@ def probe_heads(model: Any) -> Iterator[HeadProbe | None]:
 def closed_form_alphas(head: nn.Linear, targets: Tensor, hw: int, create_graph: bool) -> Tensor:
     """Grad-CAM weights ``W[target] / (h w)`` (B, K) of a verified pooling + linear head."""
     with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
-        rows = head.weight[targets] / hw
+        # index_select, not weight[targets]: the backward of advanced indexing accumulates with index_put_, which
+        # on a multi-threaded CPU adds repeated rows in a varying order (runs were not bit-reproducible)
+        rows = head.weight.index_select(0, targets) / hw
     return rows if create_graph else rows.detach()

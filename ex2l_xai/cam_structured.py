@@ -418,7 +418,8 @@ def tail_alphas(
             raise _Unsupported("the last feature map does not feed the heads")
         with torch.set_grad_enabled(create_graph):
             h, w = last.shape[2:]
-            rows = torch.stack([head.weight[t] for head, t in queries]) / (h * w)  # (n, B, D)
+            # index_select: its backward is deterministic on a multi-threaded CPU, weight[t]'s is not
+            rows = torch.stack([head.weight.index_select(0, t) for head, t in queries]) / (h * w)  # (n, B, D)
             g = rows[:, :, :, None, None].expand(-1, -1, -1, h, w)
             if not units:
                 return g.sum((3, 4)) / (h * w)

@@ -409,3 +409,26 @@ class _Tuple(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
         return (self.net(x),)
+
+
+def test_penalty_gradients_are_bit_reproducible_on_two_threads() -> None:
+    """The same step twice gives the same gradient bits. The rows W[target] were once taken by advanced indexing,
+    whose backward adds repeated rows through index_put_ in a varying order on a multi-threaded CPU: eX2L runs
+    of the same configuration then differed in the sixth digit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        net = PlainNet("gap").train()
+        net.trunk[2] = nn.Conv2d(6, 1280, 1)  # EfficientNet-Lite0's width at layer4
+        net.fc = nn.Linear(1280, 4)
+        layer = net.trunk[2]
+        x, t = torch.randn(64, 3, 4, 4), torch.randint(0, 4, (64,))
+        grads = []
+        for _ in range(10):
+            res = head_cams(net, [layer], x, [t], method="structured")
+            (g,) = torch.autograd.grad(res.cams[0].pow(2).sum(), [net.fc.weight])
+            grads.append(g)
+        assert all(torch.equal(grads[0], g) for g in grads[1:])
+    finally:
+        torch.set_num_threads(threads)

@@ -96,7 +96,9 @@ class Ex2lParams(ERMParams):
 
 def _select(cams: Tensor, target: Tensor) -> Tensor:
     """The (B, h, w) slice of all-class CAMs (B, C, h, w) at one class per sample."""
-    return cams[torch.arange(cams.shape[0], device=cams.device), target]
+    # gather, not cams[arange, target]: advanced indexing's backward is not deterministic on a multi-threaded CPU
+    index = target.view(-1, 1, 1, 1).expand(-1, 1, *cams.shape[2:])
+    return cams.gather(1, index).squeeze(1)
 
 
 def zero_share(cams: Tensor) -> Tensor:
