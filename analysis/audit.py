@@ -64,7 +64,7 @@ class AuditTarget:
     """A model to audit: a run folder, or a torch classifier with the dataset (and options) to audit it on.
 
     ``env_dataset`` optionally gives a dataset with several environments for the MMD/UMAP analysis when
-    ``dataset`` has only one; ``metrics`` optionally gives DESIGN.md's metrics dict ``M`` to report.
+    ``dataset`` has only one; ``metrics`` optionally gives docs/architecture.md's metrics dict ``M`` to report.
     ``confounders`` / ``envs`` give one integer per sample of a plain ``(image, label)`` dataset
     (:class:`analysis.datasets.AuditDataset`). ``prior`` (an n_labels x n_confounders array of
     P(background | label)) or ``reference_dataset`` (its ``labels`` and ``confounders``: the training data) say

@@ -1,7 +1,7 @@
 """Data for the audit from anywhere: plain ``(image, label)`` datasets, a folder of images with a CSV, and object
 masks from files.
 
-The audit reads DESIGN.md's dict samples (``image``, ``label``, ``confounder``, ``env``, ``index``, optionally
+The audit reads docs/architecture.md's dict samples (``image``, ``label``, ``confounder``, ``env``, ``index``, optionally
 ``mask``). :func:`as_audit_dataset` passes such a dataset through and wraps anything else (a ``TensorDataset``, a
 torchvision ``ImageFolder``) in :class:`AuditDataset`, with the confounder given separately; a dataset that still
 lacks a field gets ONE error naming the field and what to pass. :class:`FolderDataset` is what ``ex2l audit
@@ -60,7 +60,7 @@ def _names(values: np.ndarray, names: Sequence[str] | None, what: str) -> list[s
 
 
 class AuditDataset(torch.utils.data.Dataset):
-    """DESIGN.md's dict samples from any dataset, with the fields it lacks given separately.
+    """docs/architecture.md's dict samples from any dataset, with the fields it lacks given separately.
 
     Parameters
     ----------

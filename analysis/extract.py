@@ -496,7 +496,7 @@ def extract(
     model_or_run : a run folder (its ``best.pt`` is loaded) or a torch classifier (an
         :class:`~ex2l_xai.models.TwoHeadNet`, any module whose output is label logits, a TorchScript module, or one
         wrapped in :class:`analysis.loading.Normalized`).
-    dataset : a dataset with DESIGN.md's dict samples, or any ``(image, label)`` dataset with ``confounders=``;
+    dataset : a dataset with docs/architecture.md's dict samples, or any ``(image, label)`` dataset with ``confounders=``;
         with a run folder also a split name (default ``"test"``) of the run's own dataset.
     layer : module (or module path) to take CAMs at; default: the TwoHeadNet's ``cam_layers()``, else the last
         module whose output is a spatial map the logits depend on (:func:`analysis.modules.find_cam_layer`, probed

@@ -264,7 +264,7 @@ def interventions(
     Parameters
     ----------
     model : a classifier (its output: label logits, or a tuple/TwoHeadOutput whose first entry is).
-    dataset : DESIGN.md's dict samples; the built-in ``synthetic`` benchmark (exact method) or any dataset whose
+    dataset : docs/architecture.md's dict samples; the built-in ``synthetic`` benchmark (exact method) or any dataset whose
         samples carry a ``mask`` (composite method).
     indices : dataset positions to use; default a seeded, group-stratified subsample of ``max_samples``.
     prior : (n_labels, n_confounders) P(background | label) defining a class's own backgrounds

@@ -1,4 +1,4 @@
-"""The audit report: ``audit(runs_or_models, out_dir)`` writes DESIGN.md's audit contract.
+"""The audit report: ``audit(runs_or_models, out_dir)`` writes the audit contract of docs/architecture.md.
 
 ::
 

@@ -130,7 +130,7 @@ def cam_sanity(
     ----------
     model : a classifier (label logits, or a tuple/TwoHeadOutput whose first entry is); it is not modified (a
         copy is randomised).
-    dataset : DESIGN.md's dict samples.
+    dataset : docs/architecture.md's dict samples.
     layer : the CAM layer (module or path) of the default Grad-CAM; default the model's own
         (:func:`analysis.modules.find_cam_layer`).
     indices, max_samples : the images (default a seeded, group-stratified subsample of ``max_samples``).

@@ -1,4 +1,4 @@
-"""Average, mean-group, worst-group and per-group accuracy (DESIGN.md's metrics dict ``M``)."""
+"""Average, mean-group, worst-group and per-group accuracy (docs/architecture.md's metrics dict ``M``)."""
 
 from __future__ import annotations
 

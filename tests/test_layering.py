@@ -1,4 +1,4 @@
-"""DESIGN.md's layering: the training core never imports the analysis layer (only the CLI reaches both)."""
+"""The layering of docs/architecture.md: the training core never imports the analysis layer (only the CLI reaches both)."""
 
 import pkgutil
 import subprocess

@@ -252,7 +252,7 @@ def build_algorithm(name: str, model: TwoHeadNet, params: Params, info: TrainInf
 
 # ---- helpers shared by several algorithms ----------------------------------------------------------------------
 def group_ids(batch: dict[str, Tensor], n_confounders: int) -> Tensor:
-    """Group id = label × n_confounders + confounder (DESIGN.md)."""
+    """Group id = label × n_confounders + confounder (docs/architecture.md)."""
     return batch["label"] * n_confounders + batch["confounder"]
 
 

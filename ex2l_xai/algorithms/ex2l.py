@@ -108,7 +108,7 @@ def zero_share(cams: Tensor) -> Tensor:
 
 @register("ex2l")
 class Ex2l(Algorithm):
-    """eX2L with every option of DESIGN.md and the loophole-closing variants of the study."""
+    """eX2L with every option of docs/concepts.md and the loophole-closing variants of the study."""
 
     Params = Ex2lParams
 

@@ -1,4 +1,4 @@
-"""Common base of every dataset: dict samples with label, confounder, environment and index (DESIGN.md)."""
+"""Common base of every dataset: dict samples with label, confounder, environment and index (docs/architecture.md)."""
 
 from __future__ import annotations
 

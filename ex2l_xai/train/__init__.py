@@ -1,4 +1,4 @@
-"""The trainer: ``train(config, out_dir)`` writes DESIGN.md's run folder::
+"""The trainer: ``train(config, out_dir)`` writes docs/architecture.md's run folder::
 
     config.yaml     the resolved configuration
     metrics.jsonl   one JSON object per evaluation: epoch, step, lr, loss (parts averaged over the epoch),

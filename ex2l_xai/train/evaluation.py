@@ -1,4 +1,4 @@
-"""Evaluation: predictions over a split, DESIGN.md's metrics dict ``M``, and the evaluation of a trained
+"""Evaluation: predictions over a split, docs/architecture.md's metrics dict ``M``, and the evaluation of a trained
 algorithm on every evaluation split in one function (what the trainer calls after an evaluated epoch).
 
 Under DDP each rank predicts its share of a split (positions ``rank, rank + world, ...``, see
@@ -79,7 +79,7 @@ def predict_split(
 def split_metrics(
     model: nn.Module, loader: DataLoader, dataset: Any, device: torch.device, *, gather: bool = False
 ) -> dict[str, Any]:
-    """DESIGN.md's metrics dict ``M`` of ``model`` over ``loader`` (samples of ``dataset``), plus ``nll``: the mean
+    """docs/architecture.md's metrics dict ``M`` of ``model`` over ``loader`` (samples of ``dataset``), plus ``nll``: the mean
     cross-entropy of the label (model selection breaks ties of the validation accuracy with it); ``gather``: see
     :func:`predict_split`."""
     p = predict_split(model, loader, device, gather=gather)

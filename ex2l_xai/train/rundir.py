@@ -1,4 +1,4 @@
-"""The run folder (DESIGN.md's contract): its files, the checks before a run starts or resumes in it, the
+"""The run folder (a contract of docs/architecture.md): its files, the checks before a run starts or resumes in it, the
 payload of ``best.pt``, ``results.json``, and loading a finished run. Every file is written through
 :mod:`ex2l_xai.fileio`."""
 
