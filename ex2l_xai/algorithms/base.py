@@ -87,6 +87,27 @@ class Params:
 
 
 @dataclass
+class AnnealedPenaltyParams(Params):
+    """A penalty of weight 1 for the first ``anneal_steps`` optimiser steps, then ``penalty_weight``; the model's
+    optimiser state is cleared at the switch, as DomainBed rebuilds Adam (its IRM and VREx)."""
+
+    penalty_weight: float = 1.0
+    anneal_steps: int = 500
+
+    def validate(self) -> None:
+        if self.penalty_weight < 0:
+            raise ConfigError(f"algorithm.penalty_weight: expected >= 0, got {self.penalty_weight}")
+        if self.anneal_steps < 0:
+            raise ConfigError(f"algorithm.anneal_steps: expected >= 0, got {self.anneal_steps}")
+
+    def weight_at(self, step: int) -> tuple[float, tuple[str, ...]]:
+        """The penalty's weight at global step ``step`` and the optimisers to reset before that step."""
+        weight = self.penalty_weight if step >= self.anneal_steps else 1.0
+        reset = ("model",) if step == self.anneal_steps and step > 0 else ()
+        return weight, reset
+
+
+@dataclass
 class TrainInfo:
     """What an algorithm may know of the training split and the run.
 

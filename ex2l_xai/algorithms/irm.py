@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from ex2l_xai.algorithms.base import (
     Algorithm,
-    Params,
+    AnnealedPenaltyParams,
     StepContext,
     StepOutput,
     TrainInfo,
@@ -33,23 +33,16 @@ from ex2l_xai.algorithms.base import (
     register,
     require_train_envs,
 )
-from ex2l_xai.errors import ConfigError
 from ex2l_xai.models import TwoHeadNet
 
 
 @dataclass
-class IRMParams(Params):
+class IRMParams(AnnealedPenaltyParams):
     """``penalty_weight`` (DomainBed ``irm_lambda``, 1e2) after ``anneal_steps`` steps (``irm_penalty_anneal_iters``,
     500) of weight 1."""
 
     penalty_weight: float = 100.0
     anneal_steps: int = 500
-
-    def validate(self) -> None:
-        if self.penalty_weight < 0:
-            raise ConfigError(f"algorithm.penalty_weight: expected >= 0, got {self.penalty_weight}")
-        if self.anneal_steps < 0:
-            raise ConfigError(f"algorithm.anneal_steps: expected >= 0, got {self.anneal_steps}")
 
 
 def irm_penalty(logits: Tensor, y: Tensor) -> Tensor:
@@ -79,9 +72,8 @@ class IRM(Algorithm):
         nll = env_risks(logits, y, members).mean()
         paired = [idx for idx in members if idx.numel() >= 2]
         penalty = torch.stack([irm_penalty(logits[i], y[i]) for i in paired]).mean() if paired else nll.new_zeros(())
-        weight = p.penalty_weight if ctx.step >= p.anneal_steps else 1.0
+        weight, reset = p.weight_at(ctx.step)
         loss = nll + weight * penalty
-        reset = ("model",) if ctx.step == p.anneal_steps and ctx.step > 0 else ()
         parts = {"nll": float(nll.detach()), "penalty": float(penalty.detach()), "penalty_weight": weight,
                  "loss": float(loss.detach())}
         return StepOutput(loss, parts, reset=reset)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ex2l_xai.algorithms.base import (
     Algorithm,
-    Params,
+    AnnealedPenaltyParams,
     StepContext,
     StepOutput,
     TrainInfo,
@@ -28,23 +28,16 @@ from ex2l_xai.algorithms.base import (
     register,
     require_train_envs,
 )
-from ex2l_xai.errors import ConfigError
 from ex2l_xai.models import TwoHeadNet
 
 
 @dataclass
-class VRExParams(Params):
+class VRExParams(AnnealedPenaltyParams):
     """``penalty_weight`` (DomainBed ``vrex_lambda``, 10) after ``anneal_steps`` steps (``vrex_penalty_anneal_iters``,
     500) of weight 1."""
 
     penalty_weight: float = 10.0
     anneal_steps: int = 500
-
-    def validate(self) -> None:
-        if self.penalty_weight < 0:
-            raise ConfigError(f"algorithm.penalty_weight: expected >= 0, got {self.penalty_weight}")
-        if self.anneal_steps < 0:
-            raise ConfigError(f"algorithm.anneal_steps: expected >= 0, got {self.anneal_steps}")
 
 
 def vrex_penalty(risks: Tensor) -> Tensor:
@@ -67,9 +60,8 @@ class VREx(Algorithm):
         logits = self.model(batch["image"]).label
         risks = env_risks(logits, batch["label"], env_members(batch["env"]))
         mean, penalty = risks.mean(), vrex_penalty(risks)
-        weight = p.penalty_weight if ctx.step >= p.anneal_steps else 1.0
+        weight, reset = p.weight_at(ctx.step)
         loss = mean + weight * penalty
-        reset = ("model",) if ctx.step == p.anneal_steps and ctx.step > 0 else ()
         parts = {"nll": float(mean.detach()), "penalty": float(penalty.detach()), "penalty_weight": weight,
                  "loss": float(loss.detach())}
         return StepOutput(loss, parts, reset=reset)
