@@ -89,3 +89,18 @@ def test_cli_figures(seed_runs: list[Path], tmp_path: Path, capsys: pytest.Captu
     assert "| ERM |" in (out / "table_results.md").read_text()
     assert "fig1:" in capsys.readouterr().out
     assert main(["figures", str(seed_runs[0]), "--out", str(out), "--only", "fig9"]) == 2
+
+
+def test_calibrate_probes_frozen_pretrained_features(tmp_path: Path) -> None:
+    """figures/calibrate.py: on m2m_hard the frozen ImageNet features carry the label on the test backgrounds (the
+    probe fitted on oracle_val is far better on test than the one fitted on train, which learns the shortcut);
+    random features are refused."""
+    calibrate = runpy.run_path(str(FIGURES / "calibrate.py"))
+    tiny = ["data.options.per_group=20", "data.options.test_per_group=20", "data.options.image_size=64"]
+    res = calibrate["calibrate"](tiny)
+    assert res["n"] == {"train": 128, "oracle_val": 16, "test": 80}
+    assert res["label_fit_oracle_val"]["avg_acc"] > res["label_fit_train"]["avg_acc"] + 0.2
+    assert res["label_fit_train"]["worst_group_acc"] <= 0.2  # the shortcut: some test group is mostly wrong
+    assert "| label, fitted on train |" in calibrate["markdown"](res)
+    with pytest.raises(ValueError, match="pretrained: none"):
+        calibrate["calibrate"]([*tiny, "model.pretrained=none"])
