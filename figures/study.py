@@ -172,6 +172,10 @@ def _paper(lam: float, *extra: str) -> list[str]:
 
 _CORE = ("erm", "erm_2head", "groupdro", "paper_dual_l0.1", "paper_l0.1", "evid_dual_all_l0.1", "singh_dual",
          "gradmask_l3")
+# The minority variant is near its ceiling once the backbone is pretrained (figures/calibrate.py: a linear probe on
+# the frozen features, fitted on train, already reaches 98 % test AA / 93 % WGA), so it gets the headline methods
+# only: it checks that eX2L does no harm where the shape is easy, not which variant helps.
+_HEADLINE = ("erm", "erm_2head", "groupdro", "paper_dual_l0.1")
 PRETRAINED = Regime(
     name="pretrained",
     title="The paper's regime: an ImageNet-pretrained backbone on the built-in benchmark",
@@ -180,7 +184,7 @@ PRETRAINED = Regime(
     benchmarks={
         "m2m_hard": ("synthetic m2m_hard, 100 % spurious (Spawrious' table)", _M2M, None),
         "o2o_hard": ("synthetic o2o_hard (97 % / 87 % spurious)", _O2O, _CORE),
-        "m2m_hard_min5": ("synthetic m2m_hard with minority_fraction 0.05", _MIN5, _CORE),
+        "m2m_hard_min5": ("synthetic m2m_hard with minority_fraction 0.05", _MIN5, _HEADLINE),
     },
     methods={
         "erm": ("ERM", ["algorithm.name=erm", *_ONE]),
