@@ -101,3 +101,28 @@ def test_study_runs_through_submitit_and_reports_a_failed_run_with_its_log(
     assert failed and "started with another configuration" in failed[0]
     log = Path(failed[0].rsplit("(log: ", 1)[1].rstrip(")"))
     assert log.parent == tmp_path / "logs" and "TrainingError" in log.read_text()
+
+
+def _record(val_wga: float, val_nll: float, test_wga: float) -> dict:
+    return {"seed": 0, "selected_epoch": 4, "val_wga": val_wga, "val_nll": val_nll, "test_aa": 0.5,
+            "test_wga": test_wga, "last_test_aa": 0.5, "last_test_wga": test_wga, "oracle_val_wga": val_wga,
+            "oracle_test_aa": 0.5, "oracle_test_wga": test_wga, "train_zero_cam": 0.0, "train_penalty": 0.5}
+
+
+def test_pretrained_default_is_chosen_on_m2m_hard_by_val_wga_then_val_nll() -> None:
+    """Every eX2L variant runs on m2m_hard, only the default on the minority variant: the choice is made among all
+    variants on m2m_hard (not trivially among those that ran everywhere), ties of val WGA broken by val nll,
+    and test numbers never choose."""
+    study = _study()
+    pre = study.REGIMES["pretrained"]
+    assert pre.choose_on == ("m2m_hard",)
+    table = {
+        "m2m_hard": {"paper_dual_l0.1": [_record(1.0, 0.30, 0.9)], "paper_dual_l1_warm": [_record(1.0, 0.10, 0.0)],
+                     "evid_dual_all_l0.1": [_record(0.9, 0.01, 1.0)]},
+        "m2m_hard_min5": {"paper_dual_l0.1": [_record(1.0, 0.30, 0.9)]},
+    }
+    assert study.choose(table, "val_wga", pre.choose_on, pre) == "paper_dual_l1_warm"
+    assert study.choose(table, "val_wga", None, pre) is None  # o2o_hard has no runs here: no variant ran on all three
+    text = study.render(table, pre)
+    assert "over m2m_hard, ties broken" in text and "**paper_dual_l1_warm**" in text
+    assert "`paper_dual_l1_warm` ← val choice" in text
