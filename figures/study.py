@@ -211,6 +211,9 @@ PRETRAINED = Regime(
                        [*_EX2L, "algorithm.variant=paper", "algorithm.similarity=product", "algorithm.norm=minmax",
                         "algorithm.cam_relu=false", "algorithm.penalty_weight=0.1", "algorithm.anchor_weight=0.01",
                         *_DUAL]),
+        "erm_2head_cont": ("two-head ERM continued for 4 more epochs from `erm_2head` (Singh's budget without its "
+                           "penalty: the control of `singh_dual`)",
+                           ["algorithm.name=erm", "algorithm.conf_weight=1.0", *_DUAL]),
         "gradmask_l3": ("gradmask: share of the label's layer3 saliency (8×8) in the confounder region, λ = 1",
                         [*_EX2L, "algorithm.variant=gradmask", "algorithm.grad_at=layer3",
                          "algorithm.penalty_weight=1.0", *_DUAL]),
@@ -229,7 +232,7 @@ PRETRAINED = Regime(
         "dfr": ("DFR (SubpopBench): ERM, then the last layer refit on group-balanced half of val",
                 ["algorithm.name=dfr", *_ONE]),
     },
-    init_from={"singh_dual": "erm_2head"},
+    init_from={"singh_dual": "erm_2head", "erm_2head_cont": "erm_2head"},
     choose_on=("m2m_hard",),  # the one benchmark every variant runs on
     lambda_sweep=(("erm_2head", 0.0), ("paper_dual_l0.01", 0.01), ("paper_dual_l0.1", 0.1), ("paper_dual_l1", 1.0),
                   ("paper_dual_l10", 10.0)),
