@@ -48,7 +48,9 @@ from ex2l_xai.penalties import KINDS, NORMS, normalize, similarity
 
 @dataclass
 class Ex2lParams(ERMParams):
-    """eX2L's options; the defaults are the variant chosen on validation (docs/results.md)."""
+    """eX2L's options. The defaults are the paper's objective (Dice of max-normalised ReLU CAMs, λ = 0.1): the
+    first study's validation choice; in the pretrained study validation chose Singh et al.'s two-step form, which no
+    single run can default to (docs/results.md says why the default stays)."""
 
     CHOICES = {
         "variant": ("paper", "evidence", "gradmask"),
