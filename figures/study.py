@@ -25,7 +25,8 @@ Model selection, as DomainBed: within a run the epoch is chosen on the training-
 (``val``: worst-group accuracy, ties broken by the lower validation cross-entropy); the *oracle* column
 re-chooses the epoch on ``oracle_val``, a split drawn from the test environments and disjoint from test. eX2L's
 default is the variant with the best mean validation worst-group accuracy (training distribution) over the
-benchmarks; the oracle choice is reported beside it, labelled as such. Test numbers never choose anything.
+regime's ``choose_on`` benchmarks (all of them for ``scratch``; m2m_hard, where every variant runs, for
+``pretrained``), ties broken by the validation cross-entropy; the oracle choice is reported beside it, labelled as such. Test numbers never choose anything.
 """
 
 from __future__ import annotations
