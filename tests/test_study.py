@@ -62,6 +62,21 @@ def test_overrides_are_valid_configs(tmp_path: Path) -> None:
     assert cfg.model.backbone == "efficientnet_lite0" and cfg.model.freeze == "layer3"
 
 
+def test_pretrained_variants_run_on_every_benchmark() -> None:
+    """Each kind of eX2L variant (shared and dual paper form, a stronger λ, evidence, Singh's form with its control,
+    the penalty at an earlier block) runs on every benchmark of the pretrained regime, not on m2m_hard alone, and
+    each dependent run's starting run is in the same benchmark's set."""
+    study = _study()
+    pre = study.REGIMES["pretrained"]
+    kinds = {"erm", "erm_2head", "groupdro", "paper_l0.1", "paper_dual_l0.1", "paper_dual_l1", "evid_dual_all_l0.1",
+             "singh_dual", "erm_2head_cont", "gradmask_l3"}
+    for bench in pre.benchmarks:
+        methods = set(study.methods_of(bench, pre))
+        assert kinds <= methods, (bench, kinds - methods)
+        for method, start in pre.init_from.items():
+            assert method not in methods or start in methods, (bench, method)
+
+
 def test_runs_that_start_from_another_run_come_in_a_second_wave(tmp_path: Path) -> None:
     """Singh et al.'s form starts from two-head ERM of the same benchmark and seed: the waves say so, also when
     --only selects the dependent run alone; a tiny pretrained sweep runs them in that order."""
