@@ -1,4 +1,14 @@
-"""Shared constants of the test suite: the tiny training configuration and the PNG signature."""
+"""Shared pieces of the test suite: the tiny training configuration, the PNG signature, issue 3's challenge table
+and the headless-Chromium probe of the report and docs tests."""
+
+import html
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
 
 # A 1-epoch run on the tiny synthetic benchmark: seconds on a CPU (used with load_config("quick", TINY)).
 TINY = [
@@ -25,3 +35,27 @@ TABLE = {
     "m2m_medium": (["beach", "snow", "mountain", "desert"], ["desert", "mountain", "beach", "snow"], None),
     "m2m_hard": (["dirt", "jungle", "snow", "beach"], ["snow", "beach", "dirt", "jungle"], None),
 }
+
+
+def chromium() -> str | None:
+    """The first Chromium or Chrome binary on PATH, or None."""
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def chromium_probe(url: str, probe_id: str, tmp_path: Path, profile: str = "profile") -> dict[str, Any]:
+    """Load ``url`` in headless Chromium (no network services, its own profile under ``tmp_path``), dump the DOM
+    after the load event and return the JSON a probe script wrote into ``<pre id=probe_id>``."""
+    cmd = [
+        chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+        "--disable-extensions", f"--user-data-dir={tmp_path / profile}", "--virtual-time-budget=10000",
+        "--dump-dom", url,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)})
+    m = re.search(rf'<pre id="{probe_id}">(.*?)</pre>', proc.stdout, re.S)
+    assert m, f"no probe output from {url} (rc {proc.returncode}): {proc.stderr[-800:]}"
+    return json.loads(html.unescape(m.group(1)))

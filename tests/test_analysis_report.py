@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from helpers import PNG, TINY
+from helpers import PNG, TINY, chromium, chromium_probe
 
 from analysis.audit import AuditTarget, jsonable, markdown_table, results_table
 from analysis.report import FIGURES, audit
@@ -123,14 +120,6 @@ def test_report_html_is_self_contained(audited: tuple[Path, dict[str, Any]]) -> 
     assert "report.css" not in text and "--accent" in text  # the stylesheet is inlined
 
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
 PROBE_SCRIPT = """<script>
 window.addEventListener('load', function () {
   var r = Array.prototype.map.call(document.images, function (i) {
@@ -144,7 +133,7 @@ window.addEventListener('load', function () {
 </script>"""
 
 
-@pytest.mark.skipif(_chromium() is None, reason="no chromium/chrome binary on PATH (Debian: apt-get install -y "
+@pytest.mark.skipif(chromium() is None, reason="no chromium/chrome binary on PATH (Debian: apt-get install -y "
                     "chromium); the headless-browser check of report.html needs one")
 def test_report_opens_in_headless_chromium(audited: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     """Chromium renders the report and every embedded image decodes (naturalWidth > 0). The report itself has
@@ -152,16 +141,7 @@ def test_report_opens_in_headless_chromium(audited: tuple[Path, dict[str, Any]],
     out, _ = audited
     page = tmp_path / "probe.html"
     page.write_text((out / "report.html").read_text().replace("</body>", PROBE_SCRIPT + "</body>"))
-    cmd = [
-        _chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-        "--disable-extensions", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
-        "--dump-dom", page.as_uri(),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)})
-    m = re.search(r'<pre id="image-probe">(.*?)</pre>', proc.stdout, re.S)
-    assert m, f"no probe output (rc {proc.returncode}): {proc.stderr[-800:]}"
-    probe = json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    probe = chromium_probe(page.as_uri(), "image-probe", tmp_path)
     assert len(probe["images"]) == len(FIGURES)
     for img in probe["images"]:
         assert img["complete"] and img["w"] > 0 and img["h"] > 0, img

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import html
 import importlib.util
-import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -22,6 +20,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from helpers import chromium, chromium_probe
 from mkdocs.exceptions import PluginError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,14 +161,6 @@ def served(site: Path) -> Iterator[str]:
         thread.join(timeout=10)
 
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
 # Runs after the load event in a copy of the page; reports what the browser made of it.
 PROBE_SCRIPT = r"""<script>
 window.addEventListener('load', function () {
@@ -210,16 +201,7 @@ def _probe(site: Path, origin: str, name: str, tmp_path: Path) -> dict[str, Any]
     page = site / name / "index.html"
     probe = page.with_name("probe.html")
     probe.write_text(page.read_text().replace("</body>", PROBE_SCRIPT + "</body>"))
-    cmd = [
-        _chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-        "--disable-extensions", f"--user-data-dir={tmp_path / ('profile-' + name)}", "--virtual-time-budget=10000",
-        "--dump-dom", f"{origin}/{name}/probe.html",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)})
-    m = re.search(r'<pre id="docs-probe">(.*?)</pre>', proc.stdout, re.S)
-    assert m, f"no probe output from {name} (rc {proc.returncode}): {proc.stderr[-800:]}"
-    return json.loads(html.unescape(m.group(1)))
+    return chromium_probe(f"{origin}/{name}/probe.html", "docs-probe", tmp_path, profile=f"profile-{name}")
 
 
 def _check_rendered(report: dict[str, Any], origin: str, name: str) -> None:
@@ -240,7 +222,7 @@ def _check_rendered(report: dict[str, Any], origin: str, name: str) -> None:
     assert not remote, f"{name} fetched {remote}"
 
 
-@pytest.mark.skipif(_chromium() is None, reason="no chromium/chrome binary on PATH (Debian: apt-get install -y "
+@pytest.mark.skipif(chromium() is None, reason="no chromium/chrome binary on PATH (Debian: apt-get install -y "
                     "chromium, as `make browser` does); the headless-browser check of the docs needs one")
 def test_metric_definitions_and_quickstart_render_in_headless_chromium(site: Path, served: str,
                                                                        tmp_path: Path) -> None:
