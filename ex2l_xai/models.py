@@ -93,10 +93,11 @@ _PREFIX_CACHE_BUDGET = 4 << 30  # bytes over all caches of the process
 
 
 def _weights_digest(modules: list[nn.Module]) -> bytes:
-    """Digest of the names, shapes and values of the parameters and buffers of ``modules``."""
+    """Digest of the names, shapes and values of the parameters and buffers of ``modules`` (non-persistent
+    buffers included: an input normalisation changes the outputs as much as a weight)."""
     h = hashlib.blake2b(digest_size=16)
     for i, m in enumerate(modules):
-        for name, t in m.state_dict().items():
+        for name, t in (*m.named_parameters(), *m.named_buffers()):
             t = t.detach().contiguous().cpu()
             h.update(f"{i}.{name}|{t.dtype}|{tuple(t.shape)}|".encode())
             h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
@@ -181,10 +182,18 @@ class TwoHeadNet(nn.Module):
                 f"model.cam_layer={cam_layer!r} lies in the frozen prefix (model.freeze={freeze!r}): a penalty there "
                 "could not move it; freeze fewer stages or take the CAM later"
             )
+        if self.n_frozen and not self._frozen_parameters():
+            raise ConfigError(
+                f"model.freeze={freeze!r} freezes nothing: {backbone}'s stages up to {freeze} have no parameters "
+                f"(its stem is {type(self.backbone.stem).__name__}); freeze a later stage or none"
+            )
         if init_from:
             self._init_from(init_from)
         self._tied = False
-        self._caches: dict[int, FrozenPrefixCache] | None = {} if cache_frozen and self.n_frozen else None
+        # per backbone: its prefix cache and the (storage, version) of each frozen tensor when it was looked up
+        self._caches: dict[int, tuple[FrozenPrefixCache, tuple]] | None = (
+            {} if cache_frozen and self.n_frozen else None
+        )
         for p in self._frozen_parameters():
             p.requires_grad_(False)
         self._tie_frozen()
@@ -233,10 +242,14 @@ class TwoHeadNet(nn.Module):
         hooked = any(m._forward_hooks or m._forward_pre_hooks for s in body.stages()[:n] for m in s.modules())
         if self._caches is None or x.requires_grad or hooked:
             return body(x, stop=n)
-        cache = self._caches.get(id(body.stem))
-        if cache is None:  # looked up once per backbone (and again after load_state_dict)
-            cache = self._caches[id(body.stem)] = prefix_cache([body.input_norm, *body.stages()[:n]])
-        return cache(lambda xi: body(xi, stop=n), x)
+        modules = [body.input_norm, *body.stages()[:n]]
+        # any in-place change of a frozen weight or buffer (an optimizer, an init, a copy_) bumps its version:
+        # the cache is then looked up again by the new weights, so it never serves outputs of the old ones
+        versions = tuple((t.data_ptr(), t._version) for m in modules for t in (*m.parameters(), *m.buffers()))
+        entry = self._caches.get(id(body.stem))
+        if entry is None or entry[1] != versions:
+            entry = self._caches[id(body.stem)] = (prefix_cache(modules), versions)
+        return entry[0](lambda xi: body(xi, stop=n), x)
 
     def _features(self, body: Backbone, x: Tensor, prefix: Tensor | None) -> Tensor:
         if not self.n_frozen:

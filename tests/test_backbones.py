@@ -148,7 +148,7 @@ def test_prefix_cache_is_content_addressed_and_exact() -> None:
     x = torch.rand(6, 3, 32, 32)
     with torch.no_grad():
         first = net(x).label
-        cache = next(iter(net._caches.values()))
+        cache = next(iter(net._caches.values()))[0]
         misses, hits = cache.misses, cache.hits
         assert misses == 6 and hits == 0
         second = net(x[[3, 1, 5]]).label  # another batch, another order: served from the cache
@@ -178,12 +178,18 @@ def test_prefix_cache_is_content_addressed_and_exact() -> None:
     with torch.no_grad():
         twin(x)
     assert (cache.misses, cache.hits) == (7, 9)
-    with torch.no_grad():
+    with torch.no_grad():  # an in-place change of a frozen weight, no load: the cache is re-keyed by the new weights
         twin.backbone.layer1[0].conv1.weight[0, 0, 0, 0] += 1.0
-    twin.load_state_dict(twin.state_dict())  # a load re-keys the cache by the new weights
+    plain = TwoHeadNet("resnet18", 5, 0, freeze="layer3").eval()
+    plain.load_state_dict(twin.state_dict())
     with torch.no_grad():
-        twin(x)
-    assert (cache.misses, cache.hits) == (7, 9) and next(iter(twin._caches.values())) is not cache
+        changed = twin(x).label
+        torch.testing.assert_close(changed, plain(x).label)
+    assert (cache.misses, cache.hits) == (7, 9) and next(iter(twin._caches.values()))[0] is not cache
+    twin.load_state_dict(twin.state_dict())  # a load (the same weights) forgets and looks the cache up again
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x).label, changed)
+    assert next(iter(twin._caches.values()))[0].hits == 6
 
 
 def test_init_from_a_run_and_its_errors(tmp_path) -> None:
@@ -206,3 +212,6 @@ def test_freeze_errors() -> None:
         TwoHeadNet("resnet18", 3, 4, freeze="layer4")
     with pytest.raises(ConfigError, match="frozen prefix"):
         TwoHeadNet("resnet18", 3, 4, freeze="layer3", cam_layer="layer3")
+    with pytest.raises(ConfigError, match=r"model.freeze='stem' freezes nothing.*small_cnn.*Identity"):
+        TwoHeadNet("small_cnn", 3, 4, freeze="stem")
+    assert TwoHeadNet("small_cnn", 3, 4, freeze="layer1").n_frozen == 2

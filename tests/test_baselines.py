@@ -139,7 +139,7 @@ def test_dann_model_step_reverses_the_discriminator_feature_gradient() -> None:
 
 
 def test_dann_alternates_and_each_step_moves_only_its_own_networks() -> None:
-    model = TwoHeadNet("small_cnn", 4, 0, width=8, freeze="stem")
+    model = TwoHeadNet("small_cnn", 4, 0, width=8, freeze="layer1")
     alg = _alg("dann", model=model, d_steps_per_g_step=1)
     assert [alg.is_discriminator_step(s) for s in range(4)] == [False, True, False, True]  # DomainBed's order
     opts = alg.configure_optimizers(lambda ps: torch.optim.SGD(ps, lr=0.1), Stage("train"))
@@ -157,8 +157,8 @@ def test_dann_alternates_and_each_step_moves_only_its_own_networks() -> None:
                           if "running" not in k and "num_batches" not in k)
         disc_moved = any(not torch.equal(v, alg.discriminator.state_dict()[k]) for k, v in before_disc.items())
         assert (model_moved, disc_moved) == (moved == "model", moved == "disc")
-    stem = alg.model.backbone.stem
-    assert all(p.grad is None for p in stem.parameters())  # the frozen prefix never gets a gradient
+    frozen = list(alg.model.backbone.layer1.parameters())
+    assert frozen and all(p.grad is None for p in frozen)  # the frozen prefix never gets a gradient
 
 
 # ---- Mixup -----------------------------------------------------------------------------------------------------

@@ -10,7 +10,12 @@ width), and the digests are not compared.
 
 To record them again (only when a change of results is intended and explained in its commit)::
 
-    .venv/bin/python tests/test_reference_runs.py
+    .venv/bin/python tests/test_reference_runs.py            # every case
+    .venv/bin/python tests/test_reference_runs.py NAME ...   # only these cases (a case whose configuration changed)
+
+A case recorded again alone names its commit under ``rerecorded``; the others keep ``recorded_with``'s.
+(``ex2l_frozen_dual`` froze small_cnn's ``stem``, the identity, i.e. nothing; the model now refuses that, and the
+case freezes ``layer1``.)
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ CASES: dict[str, list[str]] = {
                       "algorithm.label_cam_classes=all", "algorithm.stop_grad=confounder",
                       "algorithm.conf_detach=true", "algorithm.penalty_weight=1.0", "algorithm.warmup_epochs=1"],
     "ex2l_gradmask": ["algorithm.name=ex2l", "algorithm.variant=gradmask", "algorithm.grad_at=layer1"],
-    "ex2l_frozen_dual": ["algorithm.name=ex2l", "model.freeze=stem"],
+    "ex2l_frozen_dual": ["algorithm.name=ex2l", "model.freeze=layer1"],
 }
 # started from the selected model of erm_2head (model.init_from), Singh et al.'s form with the anchor
 ANCHORED = ["algorithm.name=ex2l", "algorithm.similarity=product", "algorithm.norm=minmax",
@@ -147,6 +152,8 @@ def reference() -> dict[str, Any]:
 def test_reference_file_covers_every_case(reference: dict[str, Any]) -> None:
     assert set(reference["cases"]) == {*CASES, "ex2l_anchored", "cli"}
     assert len(reference["recorded_with"]) == 40  # the commit of the code that recorded them
+    assert set(reference.get("rerecorded", {})) <= set(reference["cases"])  # cases recorded again alone
+    assert all(len(c) == 40 for c in reference.get("rerecorded", {}).values())
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -163,20 +170,36 @@ def test_anchored_and_cli_runs_equal_the_recorded_ones(reference: dict[str, Any]
     _compare(reference["cases"]["cli"], _run_case("cli", tmp_path), exact)
 
 
-def _record() -> None:  # pragma: no cover - run by hand, see the module docstring
+def _record(names: list[str]) -> None:  # pragma: no cover - run by hand, see the module docstring
     import tempfile
 
     torch.set_num_threads(2)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                             cwd=REFERENCE.parent).stdout.strip()
+    everything = ["ex2l_anchored", "cli", *CASES]
+    unknown = sorted(set(names) - set(everything))
+    if unknown:
+        raise SystemExit(f"unknown case(s) {unknown}; expected some of {sorted(everything)}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        cases = {name: _run_case(name, root) for name in CASES}
-        cases["ex2l_anchored"] = _run_case("ex2l_anchored", root, root / "erm_2head")
-        cases["cli"] = _run_case("cli", root)
-    REFERENCE.write_text(json.dumps({"recorded_with": commit, "platform": _platform(), "cases": cases},
-                                    indent=1) + "\n")
+        wanted = names or everything
+        if "ex2l_anchored" in wanted and "erm_2head" not in wanted:
+            _run_case("erm_2head", root)  # the run the anchored case starts from
+        cases = {name: _run_case(name, root) for name in CASES if name in wanted}
+        if "ex2l_anchored" in wanted:
+            cases["ex2l_anchored"] = _run_case("ex2l_anchored", root, root / "erm_2head")
+        if "cli" in wanted:
+            cases["cli"] = _run_case("cli", root)
+    if names:  # only these: the others stay as recorded, and these name their commit
+        data = json.loads(REFERENCE.read_text())
+        if data["platform"] != _platform():
+            raise SystemExit(f"recorded on {data['platform']}, this is {_platform()}: record every case here instead")
+        data["cases"].update(cases)
+        data.setdefault("rerecorded", {}).update({name: commit for name in names})
+    else:
+        data = {"recorded_with": commit, "platform": _platform(), "cases": cases}
+    REFERENCE.write_text(json.dumps(data, indent=1) + "\n")
 
 
 if __name__ == "__main__":
-    _record()
+    _record(sys.argv[1:])
