@@ -32,6 +32,7 @@ __all__ = [
     "all_reduce_sum",
     "barrier",
     "broadcast_object",
+    "gather_batch",
     "is_active",
     "is_main",
     "launched_by_torchrun",
@@ -152,6 +153,25 @@ def all_reduce_sum(t: Tensor, *, differentiable: bool = False) -> Tensor:
     out = t.detach().clone()
     dist.all_reduce(out, group=_aux_group())
     return out
+
+
+def gather_batch(t: Tensor, *, differentiable: bool = False) -> Tensor:
+    """The global batch of a per-rank batch tensor ``t`` (B, ...), in the order of the one-process batch: the
+    training loaders deal a global batch out round-robin (rank r holds its positions r, r + world, ...), so row i
+    of rank r is row i * world + r (``t`` itself in one process). Every rank's batch must hold the same number of
+    rows, as the training loaders' do. With ``differentiable``, gradients flow back to every rank's rows (see
+    :func:`all_reduce_sum`): a loss of the gathered batch, computed alike on every rank, then gets the gradient of
+    the one-process loss once DDP averages it."""
+    if not is_active():
+        return t
+    world, me, n = world_size(), rank(), t.shape[0]
+    sizes = all_reduce_sum(torch.tensor([n, n * n], dtype=torch.float64, device=t.device))
+    if sizes[0].item() != world * n or sizes[1].item() != world * n * n:  # sum n and sum n^2: all equal to n
+        raise RuntimeError(f"gather_batch: the ranks' batches differ in size (this rank: {n} rows); the training "
+                           "loaders give every rank the same number")
+    full = t.new_zeros((n * world, *t.shape[1:]))
+    full = full.index_copy(0, torch.arange(me, n * world, world, device=t.device), t)
+    return all_reduce_sum(full, differentiable=differentiable)
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

@@ -86,15 +86,16 @@ def final_state(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)["algorithm"]
 
 
-def assert_close_runs(one: Path, two: Path) -> None:
-    """Same records (losses to LOSS_RTOL, the same predictions, hence accuracies), same weights to WEIGHT_ATOL."""
+def assert_close_runs(one: Path, two: Path, loss_rtol: float = LOSS_RTOL, weight_atol: float = WEIGHT_ATOL) -> None:
+    """Same records (losses to ``loss_rtol``, the same predictions, hence accuracies), same weights to
+    ``weight_atol``."""
     a, b = records(one), records(two)
     assert len(a) == len(b) > 0
     for ra, rb in zip(a, b, strict=True):
         assert (ra["epoch"], ra["step"], ra["lr"]) == (rb["epoch"], rb["step"], rb["lr"])
         assert ra["loss"].keys() == rb["loss"].keys()
         for k in ra["loss"]:
-            assert rb["loss"][k] == pytest.approx(ra["loss"][k], rel=LOSS_RTOL, abs=1e-9), k
+            assert rb["loss"][k] == pytest.approx(ra["loss"][k], rel=loss_rtol, abs=1e-9), k
         for split in ("val", "test"):
             assert rb[split]["nll"] == pytest.approx(ra[split]["nll"], rel=1e-5)
             assert {k: v for k, v in rb[split].items() if k != "nll"} == {k: v for k, v in ra[split].items() if k != "nll"}
@@ -102,7 +103,7 @@ def assert_close_runs(one: Path, two: Path) -> None:
     assert sa.keys() == sb.keys()
     for k in sa:
         if sa[k].is_floating_point():
-            torch.testing.assert_close(sb[k], sa[k], atol=WEIGHT_ATOL, rtol=0, msg=k)
+            torch.testing.assert_close(sb[k], sa[k], atol=weight_atol, rtol=0, msg=k)
         else:
             assert torch.equal(sa[k], sb[k]), k
 
@@ -143,6 +144,28 @@ def test_groupdro_weights_see_the_group_losses_of_every_rank(tmp_path: Path) -> 
     torch.testing.assert_close(q2, q1, atol=1e-6, rtol=0)
     q_max = [r["loss"]["q_max"] for r in records(tmp_path / "two")]
     assert q_max == pytest.approx([r["loss"]["q_max"] for r in records(tmp_path / "one")], rel=LOSS_RTOL)
+
+
+# MMD's Gaussian kernels (bandwidths up to 1000 on squared distances computed as |x|^2 + |y|^2 - 2xy, DomainBed's
+# estimator) amplify float32 round-off: one process run with 1 and with 2 threads differs by 2e-5 relative in its
+# first epoch's penalty and by 1e-3 in its weights after 2 epochs. Measured for 1 epoch, two processes against one:
+# losses 3e-5 relative, weights 3.9e-4; with per-rank penalties instead of the gathered batch: the penalty 1.4
+# relative. So MMD runs 1 epoch at looser tolerances, still four orders of magnitude below a per-rank penalty.
+PENALTY_TOLERANCES = {"coral": (2, LOSS_RTOL, WEIGHT_ATOL), "irm": (2, LOSS_RTOL, WEIGHT_ATOL),
+                      "vrex": (2, LOSS_RTOL, WEIGHT_ATOL), "mmd": (1, 2e-4, 2e-3)}
+
+
+@pytest.mark.parametrize("name", sorted(PENALTY_TOLERANCES))
+def test_environment_penalties_under_ddp_equal_one_process(name: str, tmp_path: Path) -> None:
+    """The environment penalties are computed on the gathered global batch (IRM's even/odd halves included), so
+    two processes train what one does; per-rank penalties averaged over ranks differ (other estimates, on half
+    the samples of each environment: relative differences of 1 and more in the penalty, measured)."""
+    epochs, loss_rtol, weight_atol = PENALTY_TOLERANCES[name]
+    overrides = [*BASE, f"algorithm.name={name}", f"train.epochs={epochs}"]
+    train(load_config("quick", overrides), tmp_path / "one", quiet=True)
+    run_ddp(overrides, tmp_path / "two")
+    assert_close_runs(tmp_path / "one", tmp_path / "two", loss_rtol, weight_atol)
+    assert all(r["loss"]["penalty"] > 0 for r in records(tmp_path / "two"))  # the penalty was there to compare
 
 
 def test_ex2l_step_through_ddp_equals_one_process(ex2l_runs: tuple[Path, Path]) -> None:

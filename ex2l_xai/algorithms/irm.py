@@ -11,7 +11,8 @@ the cross-entropy of its even and of its odd samples (an unbiased estimate of th
 ``w`` is 1 for the first ``anneal_steps`` optimiser steps, then ``penalty_weight``; at that step the model's
 optimiser state is cleared, as DomainBed resets Adam ("it doesn't like the sharp jump in gradient magnitudes").
 DomainBed draws one minibatch per environment; here the trainer's batch is split by ``env``, and an environment
-with fewer than two samples in a batch adds its risk but no penalty.
+with fewer than two samples in a batch adds its risk but no penalty. Under DDP the loss is computed on the
+gathered global batch (:func:`~ex2l_xai.distributed.gather_batch`): the one-process value.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from ex2l_xai.algorithms.base import (
     register,
     require_train_envs,
 )
+from ex2l_xai.distributed import gather_batch
 from ex2l_xai.models import TwoHeadNet
 
 
@@ -67,8 +69,10 @@ class IRM(Algorithm):
 
     def training_step(self, batch: dict[str, Tensor], ctx: StepContext) -> StepOutput:
         p = self.params
-        logits, y = self.model(batch["image"]).label, batch["label"]
-        members = env_members(batch["env"])
+        # under DDP the whole global batch, in the one-process order: its environments' even and odd halves are
+        # the one-process ones, so the penalty is the one-process penalty (not a mean of per-rank estimates)
+        logits = gather_batch(self.model(batch["image"]).label, differentiable=True)
+        y, members = gather_batch(batch["label"]), env_members(gather_batch(batch["env"]))
         nll = env_risks(logits, y, members).mean()
         paired = [idx for idx in members if idx.numel() >= 2]
         penalty = torch.stack([irm_penalty(logits[i], y[i]) for i in paired]).mean() if paired else nll.new_zeros(())

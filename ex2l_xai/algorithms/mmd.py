@@ -10,7 +10,8 @@ the features are the model's pooled latent (what its label head reads), and
 with R_e the cross-entropy of environment e. MMD's D is the biased squared MMD with a sum of Gaussian kernels,
 k(a, b) = sum_g exp(-g ||a - b||^2) for g in (0.001, 0.01, 0.1, 1, 10, 100, 1000): D = mean K(x, x) +
 mean K(y, y) - 2 mean K(x, y). DomainBed draws one minibatch per environment; here the trainer's batch is split by
-``env``, and only environments with at least two samples in the batch are matched.
+``env``, and only environments with at least two samples in the batch are matched. Under DDP the loss is that of
+the gathered global batch (:func:`~ex2l_xai.distributed.gather_batch`): the one-process value.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ex2l_xai.algorithms.base import (
     register,
     require_train_envs,
 )
+from ex2l_xai.distributed import gather_batch
 from ex2l_xai.errors import ConfigError
 from ex2l_xai.models import TwoHeadNet
 
@@ -83,9 +85,11 @@ class FeatureMatching(Algorithm):
 
     def training_step(self, batch: dict[str, Tensor], ctx: StepContext) -> StepOutput:
         out = self.model(batch["image"])
-        members = env_members(batch["env"])
-        nll = env_risks(out.label, batch["label"], members).mean()
-        feats = [out.latent[idx] for idx in members if idx.numel() >= self.min_per_env]
+        # under DDP the whole global batch: each environment's features are matched as in one process
+        logits, latent = gather_batch(out.label, differentiable=True), gather_batch(out.latent, differentiable=True)
+        members = env_members(gather_batch(batch["env"]))
+        nll = env_risks(logits, gather_batch(batch["label"]), members).mean()
+        feats = [latent[idx] for idx in members if idx.numel() >= self.min_per_env]
         pairs = [self.discrepancy(feats[i], feats[j]) for i in range(len(feats)) for j in range(i + 1, len(feats))]
         penalty = torch.stack(pairs).mean() if pairs else nll.new_zeros(())
         loss = nll + self.params.gamma * penalty

@@ -8,7 +8,8 @@ with R_e the cross-entropy of environment e's samples,
 
 (the variance of the environment risks, population form). ``w`` is 1 for the first ``anneal_steps`` steps,
 then ``penalty_weight``; at that step the model's optimiser state is cleared, as DomainBed resets Adam.
-DomainBed draws one minibatch per environment; here the trainer's batch is split by ``env``.
+DomainBed draws one minibatch per environment; here the trainer's batch is split by ``env``. Under DDP the risks
+are those of the gathered global batch (:func:`~ex2l_xai.distributed.gather_batch`): the one-process value.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ex2l_xai.algorithms.base import (
     register,
     require_train_envs,
 )
+from ex2l_xai.distributed import gather_batch
 from ex2l_xai.models import TwoHeadNet
 
 
@@ -57,8 +59,8 @@ class VREx(Algorithm):
 
     def training_step(self, batch: dict[str, Tensor], ctx: StepContext) -> StepOutput:
         p = self.params
-        logits = self.model(batch["image"]).label
-        risks = env_risks(logits, batch["label"], env_members(batch["env"]))
+        logits = gather_batch(self.model(batch["image"]).label, differentiable=True)  # DDP: the global batch
+        risks = env_risks(logits, gather_batch(batch["label"]), env_members(gather_batch(batch["env"])))
         mean, penalty = risks.mean(), vrex_penalty(risks)
         weight, reset = p.weight_at(ctx.step)
         loss = mean + weight * penalty
