@@ -225,7 +225,7 @@ class _Run:
             from torch.nn.parallel import DistributedDataParallel
 
             self.stepper = StepModule(algorithm)
-            sync_batchnorm(algorithm, device)
+            sync_batchnorm(algorithm)
             # buffers are equal on every rank by construction (global-batch norms, all-reduced GroupDRO q), so
             # nothing is broadcast per step; the constructor still broadcasts rank 0's parameters and buffers once
             self.ddp = DistributedDataParallel(

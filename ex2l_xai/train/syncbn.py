@@ -11,8 +11,9 @@ eval mode, or in one process, it is ``nn.BatchNorm``.
 Why not ``torch.nn.SyncBatchNorm``: it refuses CPU tensors (so the gloo runs and tests could not use it), and its
 backward is not itself differentiable, while eX2L's ``gradmask`` variant differentiates the input gradient, which
 passes through every batch norm after ``grad_at``, a second time. :class:`GlobalBatchNorm` is made of
-differentiable operations on every device. timm's ``BatchNormAct2d`` (EfficientNet-Lite0) becomes timm's
-``SyncBatchNormAct`` on CUDA (no second derivative through it) and is refused on the CPU.
+differentiable operations on every device. timm's ``BatchNormAct2d`` (EfficientNet-Lite0: a batch norm followed by
+its own dropout and activation modules) becomes :class:`GlobalBatchNormAct`, the same with global statistics (timm's
+``SyncBatchNormAct`` would refuse CPU tensors and has no second derivative either).
 
 Weights, buffers and state-dict keys stay those of the original layers (the same tensors are moved over), so
 checkpoints load into a plain :class:`~ex2l_xai.models.TwoHeadNet`; a batch norm shared by two parents (tied
@@ -29,7 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ex2l_xai.distributed import all_reduce_sum, is_active
 from ex2l_xai.errors import ConfigError
 
-__all__ = ["GlobalBatchNorm", "sync_batchnorm"]
+__all__ = ["GlobalBatchNorm", "GlobalBatchNormAct", "sync_batchnorm"]
 
 _PLAIN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -68,20 +69,40 @@ class GlobalBatchNorm(_BatchNorm):
         return y
 
 
-def _replacement(bn: _BatchNorm, cuda: bool) -> nn.Module:
+class GlobalBatchNormAct(GlobalBatchNorm):
+    """timm's ``BatchNormAct2d`` over the global batch: :class:`GlobalBatchNorm`, then the original layer's
+    ``drop`` and ``act`` modules (parameter-free, so the state-dict keys are the original's)."""
+
+    def __init__(self, *args: object, drop: nn.Module, act: nn.Module, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.drop, self.act = drop, act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+def _is_timm_bn_act(bn: _BatchNorm) -> bool:
+    try:
+        from timm.layers import BatchNormAct2d
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return False
+    return type(bn) is BatchNormAct2d
+
+
+def _replacement(bn: _BatchNorm) -> nn.Module:
     if isinstance(bn, (nn.SyncBatchNorm, GlobalBatchNorm)):
         return bn
-    if type(bn) not in _PLAIN:
-        if cuda:
-            from timm.layers import convert_sync_batchnorm
-
-            return convert_sync_batchnorm(bn)  # timm's BatchNormAct2d -> SyncBatchNormAct (same tensors)
+    args = (bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    if _is_timm_bn_act(bn):
+        new: GlobalBatchNorm = GlobalBatchNormAct(*args, drop=bn.drop, act=bn.act)
+    elif type(bn) in _PLAIN:
+        new = GlobalBatchNorm(*args)
+    else:
         raise ConfigError(
-            f"DDP on the CPU: batch norm {type(bn).__module__}.{type(bn).__name__} has no global-batch version "
-            "here (only torch's BatchNorm1d/2d/3d: small_cnn, resnet18, resnet50); train it on CUDA (timm's "
-            "SyncBatchNormAct) or freeze the stages that hold it (model.freeze)"
+            f"DDP: batch norm {type(bn).__module__}.{type(bn).__name__} has no global-batch version here (torch's "
+            "BatchNorm1d/2d/3d and timm's BatchNormAct2d have: small_cnn, resnet18, resnet50, efficientnet_lite0); "
+            "freeze the stages that hold it (model.freeze)"
         )
-    new = GlobalBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
     if bn.affine:
         new.weight, new.bias = bn.weight, bn.bias
     new.running_mean, new.running_var, new.num_batches_tracked = bn.running_mean, bn.running_var, bn.num_batches_tracked
@@ -89,11 +110,10 @@ def _replacement(bn: _BatchNorm, cuda: bool) -> nn.Module:
     return new
 
 
-def sync_batchnorm(module: nn.Module, device: torch.device) -> int:
+def sync_batchnorm(module: nn.Module) -> int:
     """Replace, in place, every batch norm of ``module`` that is not frozen (a frozen one, with weights that get no
-    gradient, runs in eval mode: no batch statistics) by its global-batch version for ``device``; returns how
-    many modules were replaced."""
-    cuda = device.type == "cuda"
+    gradient, runs in eval mode: no batch statistics) by its global-batch version (the same on every device);
+    returns how many modules were replaced."""
     done: dict[int, nn.Module] = {}
     for parent in list(module.modules()):
         for name, child in list(parent._modules.items()):
@@ -103,6 +123,6 @@ def sync_batchnorm(module: nn.Module, device: torch.device) -> int:
             if frozen:
                 continue
             if id(child) not in done:
-                done[id(child)] = _replacement(child, cuda)
+                done[id(child)] = _replacement(child)
             parent._modules[name] = done[id(child)]
     return sum(1 for old, new in done.items() if id(new) != old)
