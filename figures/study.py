@@ -26,7 +26,8 @@ Model selection, as DomainBed: within a run the epoch is chosen on the training-
 re-chooses the epoch on ``oracle_val``, a split drawn from the test environments and disjoint from test. eX2L's
 default is the variant with the best mean validation worst-group accuracy (training distribution) over the
 regime's ``choose_on`` benchmarks (all of them for ``scratch``; m2m_hard, where every variant runs, for
-``pretrained``), ties broken by the validation cross-entropy; the oracle choice is reported beside it, labelled as such. Test numbers never choose anything.
+``pretrained``), ties broken by the validation cross-entropy; the oracle choice is reported beside it, labelled
+as such. Test numbers never choose anything.
 """
 
 from __future__ import annotations

@@ -125,9 +125,9 @@ def _record(val_wga: float, val_nll: float, test_wga: float) -> dict:
 
 
 def test_pretrained_default_is_chosen_on_m2m_hard_by_val_wga_then_val_nll() -> None:
-    """Every eX2L variant runs on m2m_hard, only the default on the minority variant: the choice is made among all
-    variants on m2m_hard (not trivially among those that ran everywhere), ties of val WGA broken by val nll,
-    and test numbers never choose."""
+    """In this table three variants ran on m2m_hard and only the default on the minority variant: the choice is
+    made among all variants on m2m_hard (not trivially among those that ran everywhere), ties of val WGA broken by
+    val nll, and test numbers never choose."""
     study = _study()
     pre = study.REGIMES["pretrained"]
     assert pre.choose_on == ("m2m_hard",)

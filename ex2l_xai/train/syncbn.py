@@ -73,27 +73,22 @@ class GlobalBatchNormAct(GlobalBatchNorm):
     """timm's ``BatchNormAct2d`` over the global batch: :class:`GlobalBatchNorm`, then the original layer's
     ``drop`` and ``act`` modules (parameter-free, so the state-dict keys are the original's)."""
 
-    def __init__(self, *args: object, drop: nn.Module, act: nn.Module, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, num_features: int, eps: float, momentum: float | None, affine: bool,
+                 track_running_stats: bool, *, drop: nn.Module, act: nn.Module) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
         self.drop, self.act = drop, act
 
     def forward(self, x: Tensor) -> Tensor:
         return self.act(self.drop(super().forward(x)))
 
 
-def _is_timm_bn_act(bn: _BatchNorm) -> bool:
-    try:
-        from timm.layers import BatchNormAct2d
-    except ImportError:  # pragma: no cover - timm is a dependency
-        return False
-    return type(bn) is BatchNormAct2d
-
-
 def _replacement(bn: _BatchNorm) -> nn.Module:
+    from timm.layers import BatchNormAct2d
+
     if isinstance(bn, (nn.SyncBatchNorm, GlobalBatchNorm)):
         return bn
     args = (bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
-    if _is_timm_bn_act(bn):
+    if type(bn) is BatchNormAct2d:
         new: GlobalBatchNorm = GlobalBatchNormAct(*args, drop=bn.drop, act=bn.act)
     elif type(bn) in _PLAIN:
         new = GlobalBatchNorm(*args)
