@@ -50,9 +50,11 @@ __all__ = [
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("none", "cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
-SELECTIONS = ("val_worst_group_acc", "val_avg_acc")
-SELECTION_METRIC = {"val_worst_group_acc": "worst_group_acc", "val_avg_acc": "avg_acc"}
-"""The key of a metrics dict each ``train.selection`` maximises."""
+SELECTIONS = ("val_worst_group_acc", "val_avg_acc", "val_worst_group_nll")
+SELECTION_METRIC = {"val_worst_group_acc": "worst_group_acc", "val_avg_acc": "avg_acc",
+                    "val_worst_group_nll": "worst_group_nll"}
+"""The key of a metrics dict each ``train.selection`` maximises (``worst_group_nll``: minimises)."""
+SELECTION_MINIMISES = ("val_worst_group_nll",)
 ARCHITECTURES = ("shared", "dual")
 
 

@@ -1,4 +1,5 @@
-"""Average, mean-group, worst-group and per-group accuracy (docs/architecture.md's metrics dict ``M``)."""
+"""Average, mean-group, worst-group and per-group accuracy, and per-group cross-entropy (docs/architecture.md's
+metrics dict ``M``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["group_metrics"]
+__all__ = ["add_group_nll", "group_metrics"]
 
 
 def _as_int_array(values: Any, name: str) -> np.ndarray:
@@ -63,3 +64,17 @@ def group_metrics(preds: Any, labels: Any, groups: Any, group_names: Sequence[st
         "worst_group_acc": float(min(accs)) if accs else nan,
         "per_group": per_group,
     }
+
+
+def add_group_nll(metrics: dict[str, Any], nll: Any, groups: Any, group_names: Sequence[str]) -> None:
+    """Add the label cross-entropy per group (``per_group[g]["nll"]``) and its worst, the highest over the groups
+    present (``worst_group_nll``): the selection signal that still tells epochs apart when a
+    training-distribution validation split's worst-group accuracy saturates at 100 %."""
+    nll, groups = np.asarray(nll, dtype=np.float64), _as_int_array(groups, "groups")
+    worst = float("nan")
+    for gid, name in enumerate(group_names):
+        entry = metrics["per_group"].get(str(name))
+        if entry is not None:
+            entry["nll"] = float(nll[groups == gid].mean())
+            worst = entry["nll"] if worst != worst else max(worst, entry["nll"])
+    metrics["worst_group_nll"] = worst

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ex2l_xai.metrics import group_metrics
+from ex2l_xai.metrics import add_group_nll, group_metrics
 
 NAMES = ["a/x", "a/y", "b/x", "b/y"]
 
@@ -46,3 +46,21 @@ def test_group_metrics_empty_and_bad_input() -> None:
         group_metrics([0, 1], [0], [0, 0], NAMES)
     with pytest.raises(ValueError, match="groups"):
         group_metrics([0], [0], [7], NAMES)
+
+
+def test_group_nll_and_its_worst() -> None:
+    """Per-group mean cross-entropy and the worst (highest) over the groups present."""
+    m = group_metrics([0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 3, 3], NAMES)
+    add_group_nll(m, np.array([0.1, 0.3, 2.0, 1.0]), np.array([0, 0, 3, 3]), NAMES)
+    assert m["per_group"]["a/x"]["nll"] == pytest.approx(0.2)
+    assert m["per_group"]["b/y"]["nll"] == pytest.approx(1.5)
+    assert m["worst_group_nll"] == pytest.approx(1.5)
+
+
+def test_selection_on_worst_group_nll_minimises_it() -> None:
+    from ex2l_xai.config import load_config
+    from ex2l_xai.train.rundir import selection_key
+
+    config = load_config("quick", ["train.selection=val_worst_group_nll"])
+    low, high = ({"val": {"worst_group_nll": v, "nll": 0.1}} for v in (0.2, 0.9))
+    assert selection_key(config, low) > selection_key(config, high)

@@ -44,9 +44,9 @@ from ex2l_xai.algorithms.base import (
     TrainInfo,
     register,
 )
-from ex2l_xai.config import SELECTION_METRIC
+from ex2l_xai.config import SELECTION_METRIC, SELECTION_MINIMISES
 from ex2l_xai.errors import ConfigError
-from ex2l_xai.metrics import group_metrics
+from ex2l_xai.metrics import add_group_nll, group_metrics
 from ex2l_xai.models import TwoHeadNet
 
 
@@ -142,6 +142,17 @@ class DFR(Algorithm):
             self.model.train(was_training)
         return torch.cat(feats), torch.cat(labels).numpy(), torch.cat(groups).numpy(), torch.cat(index).numpy()
 
+    @torch.no_grad()
+    def _select_score(self, head: nn.Module, z: Tensor, y: Tensor, g: np.ndarray) -> float:
+        """The run's selection score of ``head`` on the held-out half (higher is better; -inf for NaN)."""
+        logits = head(z)
+        m = group_metrics(logits.argmax(1).cpu().numpy(), y.cpu().numpy(), g, self._group_names())
+        if self.info.selection in SELECTION_MINIMISES:
+            add_group_nll(m, F.cross_entropy(logits, y, reduction="none").cpu().numpy(), g, self._group_names())
+        score = float(m[SELECTION_METRIC[self.info.selection]])
+        score = -score if self.info.selection in SELECTION_MINIMISES else score
+        return -np.inf if np.isnan(score) else score
+
     def fit(self, stage: Stage, ctx: StageContext) -> dict[str, float]:
         p = self.params
         z, y, g, index = self.features(ctx.eval_loader("val"))
@@ -153,7 +164,6 @@ class DFR(Algorithm):
         yt = torch.as_tensor(y, device=device)
         head = nn.Linear(z.shape[1], self.info.n_labels).to(device)  # fresh, from the epoch's seeded RNG
         opt = torch.optim.SGD(head.parameters(), lr=p.lr if p.lr is not None else self.info.lr, momentum=0.9)
-        key = SELECTION_METRIC[self.info.selection]
         train_idx = torch.as_tensor(train_pos, device=device)
         select_idx = torch.as_tensor(select_pos, device=device)
         bs = self.info.batch_size
@@ -173,10 +183,7 @@ class DFR(Algorithm):
             for k, v in (("ce", ce), ("l1", l1), ("loss", loss)):
                 sums[k] += float(v.detach())
             if step % p.select_every == 0 or step == p.fit_steps:
-                with torch.no_grad():
-                    pred = head(z[select_idx]).argmax(1).cpu().numpy()
-                score = float(group_metrics(pred, y[select_pos], g[select_pos], self._group_names())[key])
-                score = -np.inf if np.isnan(score) else score
+                score = self._select_score(head, z[select_idx], yt[select_idx], g[select_pos])
                 if best is None or score > best[0]:
                     best = (score, step, {k: v.detach().clone() for k, v in head.state_dict().items()})
         assert best is not None

@@ -21,7 +21,7 @@ from ex2l_xai import distributed
 from ex2l_xai.algorithms import Algorithm
 from ex2l_xai.config import Config
 from ex2l_xai.data import get_dataset
-from ex2l_xai.metrics import group_metrics
+from ex2l_xai.metrics import add_group_nll, group_metrics
 from ex2l_xai.train.builders import dataset_kwargs, resolve_device
 from ex2l_xai.train.loaders import eval_loader
 from ex2l_xai.train.rundir import load_run
@@ -86,7 +86,9 @@ def split_metrics(
     groups = p["label"] * dataset.n_confounders + p["confounder"]
     metrics = group_metrics(p["pred"], p["label"], groups, dataset.groups)
     metrics["nll"] = float(p["nll"].mean()) if len(p["nll"]) else float("nan")
+    add_group_nll(metrics, p["nll"], groups, dataset.groups)
     return metrics
+
 
 
 class Predictor(nn.Module):

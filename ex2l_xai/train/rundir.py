@@ -14,7 +14,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from ex2l_xai.config import SELECTION_METRIC, Config, config_from_dict, config_to_dict
+from ex2l_xai.config import SELECTION_METRIC, SELECTION_MINIMISES, Config, config_from_dict, config_to_dict
 from ex2l_xai.errors import ConfigError, TrainingError
 from ex2l_xai.fileio import atomic_write
 from ex2l_xai.models import TwoHeadNet
@@ -104,7 +104,9 @@ def check_same_config(path: Path, config: Config) -> None:
 # ---- selection, best.pt, results.json ------------------------------------------------------------------------
 def selection_score(config: Config, record: dict[str, Any]) -> float:
     """The model-selection score of an evaluation record (-inf for NaN)."""
-    score = float(record["val"][SELECTION_METRIC[config.train.selection]])
+    score = float(record["val"].get(SELECTION_METRIC[config.train.selection], math.nan))
+    if config.train.selection in SELECTION_MINIMISES:
+        score = -score
     return -math.inf if math.isnan(score) else score
 
 
