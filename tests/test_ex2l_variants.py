@@ -6,6 +6,7 @@ import torch
 from helpers import TINY
 
 from ex2l_xai.algorithms import TrainInfo, build_algorithm, params_from_dict
+from ex2l_xai.algorithms.ex2l import channel_evidence
 from ex2l_xai.cli import main
 from ex2l_xai.errors import ConfigError
 from ex2l_xai.models import TwoHeadNet
@@ -106,3 +107,55 @@ def test_variants_train_through_the_cli(tmp_path) -> None:
     assert main(["train", "--config", "quick", "--out", str(grad), "--quiet", *[f"--set={s}" for s in TINY],
                  "--set=algorithm.variant=gradmask", "--set=algorithm.grad_at=layer2"]) == 0
     assert (grad / "done").exists()
+
+
+def _shared(**hp):
+    params = params_from_dict("ex2l", {"variant": "channel", **hp})
+    torch.manual_seed(0)
+    return build_algorithm("ex2l", TwoHeadNet("small_cnn", 4, 6, width=8, architecture="shared"), params, INFO)
+
+
+def test_channel_evidence_of_a_linear_head_is_its_row_times_the_latent() -> None:
+    head = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, 1.0]]))
+        head.bias.fill_(7.0)
+    f = torch.tensor([[2.0, 1.0, 4.0], [1.0, 1.0, 1.0]])
+    ev = channel_evidence(head, f, torch.tensor([0, 1]), create_graph=False)
+    torch.testing.assert_close(ev, torch.tensor([[2.0, -2.0, 2.0], [0.0, 3.0, 1.0]]))
+    # the evidence sums to the logit minus its bias
+    torch.testing.assert_close(ev.sum(1), head(f).gather(1, torch.tensor([[0], [1]])).squeeze(1) - 7.0)
+
+
+def test_channel_penalty_is_the_label_evidence_share_in_the_confounders_channels() -> None:
+    """Label evidence (2, -1, 1) and confounder evidence (0, 3, 1.5): the region is (0, 1, 0.5) after max
+    normalisation, so the share is (2·0 + 0·1 + 1·0.5) / 3 = 1/6; label evidence only on channels the confounder
+    head does not read gives 0; negative evidence counts as none."""
+    alg = _shared()
+    label = torch.nn.Linear(3, 4, bias=False)
+    conf = torch.nn.Linear(3, 6, bias=False)
+    with torch.no_grad():
+        label.weight.zero_()
+        conf.weight.zero_()
+        label.weight[1] = torch.tensor([2.0, -1.0, 1.0])
+        conf.weight[4] = torch.tensor([0.0, 3.0, 1.5])
+    alg.model.label_head, alg.model.conf_head = label, conf
+    f = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]], requires_grad=True)
+    share, n_zero = alg.channel_penalty(f, torch.tensor([1, 1]), torch.tensor([4, 4]))
+    torch.testing.assert_close(share, torch.tensor([1 / 6, 0.0]))
+    assert int(n_zero) == 0
+    share.sum().backward()  # differentiable in the latent (the backbone) and the label head
+    assert f.grad is not None and float(f.grad.abs().sum()) > 0
+    assert label.weight.grad is not None and conf.weight.grad is None
+
+
+def test_channel_variant_needs_one_shared_backbone_and_moves_the_label_branch() -> None:
+    with pytest.raises(ConfigError, match="variant=channel needs model.architecture=shared"):
+        build_algorithm("ex2l", TwoHeadNet("small_cnn", 4, 6, width=8, architecture="dual"),
+                        params_from_dict("ex2l", {"variant": "channel"}), INFO)
+    alg = _shared(penalty_weight=1.0, conf_detach=True)
+    loss, parts = alg.loss(_batch(), epoch=0)
+    assert parts["penalty"] > 0
+    loss.backward()
+    assert alg.model.label_head.weight.grad is not None
+    assert float(alg.model.label_head.weight.grad.abs().sum()) > 0

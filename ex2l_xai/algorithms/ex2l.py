@@ -14,6 +14,16 @@ S_i(p) / Σ_p S_i(p), the share of the saliency S_i = Σ_channels (∂ log p(y_i
 confounder region R_i (the max-normalised confounder CAM upsampled to F's size, detached); a share, so it cannot
 be met by flattening every gradient.
 
+``variant: channel`` (ours) compares the two heads' explanations in CHANNEL space instead of image space: which
+features each head's decision reads, not where they lie. The channel evidence of a head at its target t is
+e_i = ∂z_t/∂f_i ⊙ f_i over the pooled latent f_i (B, K) both heads read; for a linear head on globally pooled
+features it is W[t] ⊙ f_i, the Grad-CAM map summed over space channel by channel (Grad-CAM's channel weight times
+the channel's pooled activation), and Σ_k e_ik is the logit minus its bias. P_i = Σ_k ReLU(e^y_ik) · R_ik /
+Σ_k ReLU(e^y_ik), the share of the label's positive evidence carried by the channels the confounder head reads,
+R_i = max-normalised ReLU(e^c_i), detached; a share, so it cannot be met by shrinking the logit. It needs one
+shared backbone (channels of two backbones are not the same features); with ``conf_detach`` the confounder head is
+a probe of the label backbone's features that does not teach it the background.
+
 ``anchor_weight`` > 0 adds Singh et al. (2020)'s regulariser: anchor_weight · mean_p |mm(CAM_y) − mm(CAM*_y)|
 (and the same for the confounder CAM when the anchor has a confounder head), where mm is min-max normalisation of
 the signed CAM and CAM* the CAM of a frozen copy of the model as it was when training started (so start from a
@@ -35,7 +45,7 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ex2l_xai.algorithms.base import Algorithm, TrainInfo, register
@@ -53,7 +63,7 @@ class Ex2lParams(ERMParams):
     single run can default to (docs/results.md says why the default stays)."""
 
     CHOICES = {
-        "variant": ("paper", "evidence", "gradmask"),
+        "variant": ("paper", "evidence", "gradmask", "channel"),
         "similarity": KINDS,
         "norm": NORMS,
         "label_cam_target": ("true", "pred"),
@@ -103,6 +113,16 @@ def _select(cams: Tensor, target: Tensor) -> Tensor:
     return cams.gather(1, index).squeeze(1)
 
 
+def channel_evidence(head: nn.Module, latent: Tensor, target: Tensor, *, create_graph: bool) -> Tensor:
+    """Channel evidence (B, K) of ``head``'s logit at ``target``: gradient × input at the pooled latent,
+    ∂z_t/∂f ⊙ f; for a linear head W[t] ⊙ f, the Grad-CAM map summed over space per channel. Differentiable
+    (with ``create_graph``) in the head's weights and, where ``latent`` carries a graph, in the backbone's."""
+    f = latent if latent.requires_grad else latent.detach().requires_grad_(True)
+    logit = head(f).gather(1, target.view(-1, 1)).sum()
+    (grad,) = torch.autograd.grad(logit, f, create_graph=create_graph)
+    return grad * f
+
+
 def zero_share(cams: Tensor) -> Tensor:
     """Number of label CAMs with no positive value (ReLU'd map all zero)."""
     return (cams.detach().flatten(1).amax(1) <= 0).sum()
@@ -120,6 +140,9 @@ class Ex2l(Algorithm):
             raise ConfigError("algorithm ex2l needs a confounder head: the model was built without one")
         if params.conf_detach and model.architecture == "dual":
             raise ConfigError("algorithm.conf_detach=true needs model.architecture=shared (dual trains its own backbone)")
+        if params.variant == "channel" and model.architecture != "shared":
+            raise ConfigError("algorithm.variant=channel needs model.architecture=shared: the channels of two "
+                              "backbones are not the same features")
         if params.variant == "gradmask" and params.grad_at != "input":
             try:
                 model.backbone.get_submodule(params.grad_at)
@@ -170,6 +193,40 @@ class Ex2l(Algorithm):
         region = upsample(normalize(F.relu(conf_cam.detach()), "max"), tuple(sal.shape[-2:]))
         return (region * sal).flatten(1).sum(1) / (sal.flatten(1).sum(1) + 1e-12)
 
+    def channel_penalty(self, latent: Tensor, y: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-sample share of the label's positive channel evidence in the confounder's channels (B,), and the
+        number of samples whose label evidence has no positive channel (the gaming alarm)."""
+        label_ev = channel_evidence(self.model.label_head, latent, y, create_graph=True)
+        assert self.model.conf_head is not None
+        conf_ev = channel_evidence(self.model.conf_head, latent.detach(), c, create_graph=False).detach()
+        region = normalize(F.relu(conf_ev).unsqueeze(1), "max").squeeze(1)
+        pos = F.relu(label_ev)
+        share = (pos * region).sum(1) / (pos.sum(1) + 1e-12)
+        return share, (pos.detach().amax(1) <= 0).sum()
+
+    def channel_loss(self, batch: dict[str, Tensor], epoch: int) -> tuple[Tensor, dict[str, float]]:
+        """The loss of ``variant: channel`` (no spatial CAM is needed: one forward pass)."""
+        p = self.params
+        x, y, c = batch["image"], batch["label"], batch["confounder"]
+        lam = p.lam(epoch)
+        out = self.model(x)
+        ce = F.cross_entropy(out.label, y)
+        conf = confounder_ce(self.model, out, c, p.conf_detach)
+        pen, n_zero = self.channel_penalty(out.latent, y, c)
+        pen = pen.mean()
+        loss = ce + p.conf_weight * conf + (lam * pen if lam > 0 else 0.0)
+        return loss, self._log_parts(ce, conf, pen, lam, int(n_zero), y.shape[0], loss)
+
+    def _log_parts(self, ce: Tensor, conf: Tensor, pen: Tensor, lam: float, n_zero: int, n: int,
+                   loss: Tensor) -> dict[str, float]:
+        """Accumulate the epoch statistics and return the step's loss parts for the logs."""
+        self._zero += n_zero
+        self._seen += n
+        self._pen_sum += float(pen.detach())
+        self._batches += 1
+        return {"ce": float(ce.detach()), "conf_ce": float(conf.detach()), "penalty": float(pen.detach()),
+                "lambda": lam, "zero_cam": n_zero / n, "loss": float(loss.detach())}
+
     def anchor_term(self, x: Tensor, targets: list[Tensor], cams: tuple[Tensor | None, ...]) -> Tensor:
         """mean_p |mm(CAM) - mm(CAM of the anchor)| over the label CAM (and the confounder CAM, when both have
         one), per sample (B,); CAMs signed, min-max normalised (Singh et al. 2020)."""
@@ -186,6 +243,8 @@ class Ex2l(Algorithm):
 
     def loss(self, batch: dict[str, Tensor], epoch: int) -> tuple[Tensor, dict[str, float]]:
         p = self.params
+        if p.variant == "channel":
+            return self.channel_loss(batch, epoch)
         x, y, c = batch["image"], batch["label"], batch["confounder"]
         lam = p.lam(epoch)
         gradmask = p.variant == "gradmask"
@@ -233,18 +292,7 @@ class Ex2l(Algorithm):
         target_cls = out.label.detach().argmax(1) if p.label_cam_target == "pred" else y
         at_target = _select(label_cam, target_cls) if label_cam.dim() == 4 else label_cam
         n_zero = int(zero_share(F.relu(at_target)))  # as the ReLU'd map: no positive evidence
-        self._zero += n_zero
-        self._seen += y.shape[0]
-        self._pen_sum += float(pen.detach())
-        self._batches += 1
-        parts.update({
-            "ce": float(ce.detach()),
-            "conf_ce": float(conf.detach()),
-            "penalty": float(pen.detach()),
-            "lambda": lam,
-            "zero_cam": n_zero / y.shape[0],
-            "loss": float(loss.detach()),
-        })
+        parts.update(self._log_parts(ce, conf, pen, lam, n_zero, y.shape[0], loss))
         return loss, parts
 
     def epoch_stats(self) -> dict[str, float]:
