@@ -242,3 +242,22 @@ def test_object_scale_grows_the_object_and_is_validated() -> None:
     assert big[0]["label"] == small[0]["label"] and big[0]["confounder"] == small[0]["confounder"]
     with pytest.raises(DataError, match="object_scale"):
         get_dataset("synthetic", "train", per_group=4, object_scale=3)
+
+
+def test_named_benchmark_sets_its_options_and_draws_the_same_images() -> None:
+
+    named = SyntheticDataset("train", benchmark="m2m_hard_salient", image_size=32, per_group=4)
+    plain = SyntheticDataset("train", challenge="m2m_hard", object_scale=1.5, image_size=32, per_group=4)
+    assert named.object_scale == 1.5 and named.challenge.name == "m2m_hard" and named.benchmark == "m2m_hard_salient"
+    assert torch.equal(named[3]["image"], plain[3]["image"])
+    assert not torch.equal(named[3]["image"], SyntheticDataset("train", image_size=32, per_group=4)[3]["image"])
+    min5 = SyntheticDataset("train", benchmark="m2m_hard_min5", image_size=32, per_group=40)
+    assert min5.minority_fraction == 0.05
+
+
+def test_named_benchmark_refuses_a_contradicting_option_and_unknown_names() -> None:
+
+    with pytest.raises(DataError, match=r"object_scale=1.2 contradicts benchmark='m2m_hard_salient'"):
+        SyntheticDataset("train", benchmark="m2m_hard_salient", object_scale=1.2)
+    with pytest.raises(DataError, match=r"benchmark='nope'; expected one of m2m_hard_salient"):
+        SyntheticDataset("train", benchmark="nope")
