@@ -153,14 +153,17 @@ def preset_epoch(records: list[dict[str, Any]], epochs: int) -> dict[str, Any]:
     return max(first, key=lambda r: (r["val"]["worst_group_acc"], -r["val"]["nll"], -r["epoch"]))
 
 
-def budget(curves: list[list[float]], patience: int = 2, tol: float = 0.01) -> int:
+def budget(curves: list[list[float]], patience: int = 2, min_delta: float = 1e-3) -> int:
     """The epoch (1-based) after which the mean validation cross-entropy of ``curves`` (one list per seed, one
-    value per epoch) stops improving: the last epoch that lowered the running best by more than ``tol``
-    (relative), once ``patience`` epochs in a row have not; the last epoch if it never stops."""
+    value per epoch) stops improving, as early stopping reads it: the last epoch that lowered the running best
+    by more than ``min_delta`` nats, once ``patience`` epochs in a row have not; the last epoch if it never stops.
+    The CE of a training-distribution split keeps shrinking as the model grows confident (relative changes never
+    stop), so the threshold is absolute: below 1e-3 nats a step changes the mean probability of the true class by
+    less than 0.1 %."""
     mean = np.mean(np.asarray(curves, dtype=float), axis=0)
     best, best_epoch, waited = mean[0], 1, 0
     for e, v in enumerate(mean[1:], start=2):
-        if v < best * (1 - tol):
+        if v < best - min_delta:
             best, best_epoch, waited = v, e, 0
         else:
             waited += 1

@@ -16,7 +16,7 @@ def _study():
     spec = importlib.util.spec_from_file_location("study", ROOT / "figures" / "study.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules["study"] = mod
-    spec.loader.exec_module(mod)
+    spec.loader.exec_module(mod)  # puts figures/ on sys.path: studylib imports after this
     return mod
 
 
@@ -47,17 +47,19 @@ def test_study_run_skip_and_report(tmp_path: Path) -> None:
 
 def test_overrides_are_valid_configs(tmp_path: Path) -> None:
     study = _study()
+    from studylib.runner import overrides_for
+
     from ex2l_xai.config import load_config
 
     for regime in study.REGIMES.values():
         for bench in regime.benchmarks:
-            for method in study.methods_of(bench, regime):
-                cfg = load_config(regime.preset, study.overrides_for(bench, method, 1, regime=regime, root=tmp_path))
+            for method in regime.methods_of(bench):
+                cfg = load_config(regime.preset, overrides_for(regime, bench, method, 1, root=tmp_path))
                 assert cfg.seed == 1
                 size = 64 if regime.name == "scratch" else 128
                 assert cfg.data.options["image_size"] == size, (regime.name, bench, method)
     pre = study.REGIMES["pretrained"]
-    cfg = load_config(pre.preset, study.overrides_for("o2o_hard", "singh_dual", 2, regime=pre, root=tmp_path))
+    cfg = load_config(pre.preset, overrides_for(pre, "o2o_hard", "singh_dual", 2, root=tmp_path))
     assert cfg.model.init_from == str(tmp_path / "o2o_hard" / "erm_2head" / "seed2")
     assert cfg.model.backbone == "efficientnet_lite0" and cfg.model.freeze == "layer3"
 
@@ -71,7 +73,7 @@ def test_pretrained_variants_run_on_every_benchmark() -> None:
     kinds = {"erm", "erm_2head", "groupdro", "paper_l0.1", "paper_dual_l0.1", "paper_dual_l1", "evid_dual_all_l0.1",
              "singh_dual", "erm_2head_cont", "gradmask_l3"}
     for bench in pre.benchmarks:
-        methods = set(study.methods_of(bench, pre))
+        methods = set(pre.methods_of(bench))
         assert kinds <= methods, (bench, kinds - methods)
         for method, start in pre.init_from.items():
             assert method not in methods or start in methods, (bench, method)
@@ -82,16 +84,18 @@ def test_runs_that_start_from_another_run_come_in_a_second_wave(tmp_path: Path) 
     --only selects the dependent run alone; a tiny pretrained sweep runs them in that order."""
     study = _study()
     pre = study.REGIMES["pretrained"]
-    waves = study.jobs_of(pre, tmp_path, [0], only="^m2m_hard/singh_dual$")
+    from studylib.runner import jobs_of
+
+    waves = jobs_of(pre, tmp_path, [0], only="^m2m_hard/singh_dual$")
     assert waves == [[("m2m_hard", "erm_2head", 0)], [("m2m_hard", "singh_dual", 0)]]
     tiny = [o for o in TINY if not o.startswith("model.width")] + ["data.options.image_size=64"]
-    args = ["run", "--root", str(tmp_path), "--seeds", "0", "--only", "^m2m_hard/singh_dual$", "--jobs", "1",
+    args = ["run", "--regime", "pretrained", "--root", str(tmp_path), "--seeds", "0", "--only", "^m2m_hard/singh_dual$", "--jobs", "1",
             "--quiet", "--set", *tiny]
     assert study.main(args) == 0
     assert (tmp_path / "m2m_hard/erm_2head/seed0/done").exists() and (tmp_path / "m2m_hard/singh_dual/seed0/done").exists()
     metrics = [json.loads(x) for x in (tmp_path / "m2m_hard/singh_dual/seed0/metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["loss"]["anchor"] >= 0.0
-    assert study.jobs_of(pre, tmp_path, [0], only="^m2m_hard/singh_dual$") == []
+    assert jobs_of(pre, tmp_path, [0], only="^m2m_hard/singh_dual$") == []
 
 
 def test_study_runs_through_submitit_and_reports_a_failed_run_with_its_log(
@@ -129,6 +133,8 @@ def test_pretrained_default_is_chosen_on_m2m_hard_by_val_wga_then_val_nll() -> N
     made among all variants on m2m_hard (not trivially among those that ran everywhere), ties of val WGA broken by
     val nll, and test numbers never choose."""
     study = _study()
+    from studylib.tables import choose, render
+
     pre = study.REGIMES["pretrained"]
     assert pre.choose_on == ("m2m_hard",)
     table = {
@@ -136,8 +142,66 @@ def test_pretrained_default_is_chosen_on_m2m_hard_by_val_wga_then_val_nll() -> N
                      "evid_dual_all_l0.1": [_record(0.9, 0.01, 1.0)]},
         "m2m_hard_min5": {"paper_dual_l0.1": [_record(1.0, 0.30, 0.9)]},
     }
-    assert study.choose(table, "val_wga", pre.choose_on, pre) == "paper_dual_l1_warm"
-    assert study.choose(table, "val_wga", None, pre) is None  # o2o_hard has no runs here: no variant ran on all three
-    text = study.render(table, pre)
+    assert choose(table, "val_wga", pre.choose_on, pre) == "paper_dual_l1_warm"
+    assert choose(table, "val_wga", None, pre) is None  # o2o_hard has no runs here: no variant ran on all three
+    text = render(table, pre)
     assert "over m2m_hard, ties broken" in text and "**paper_dual_l1_warm**" in text
     assert "`paper_dual_l1_warm` ← val choice" in text
+
+
+def _sweep(**changes) -> dict:
+    data = {"name": "t", "title": "T", "preset": "quick", "seeds": 2, "markers": ["<!-- a -->", "<!-- b -->"],
+            "base": [], "benchmarks": {"b1": {"description": "B", "overrides": []}},
+            "methods": {"erm": {"description": "ERM", "overrides": ["algorithm.name=erm"], "seeds": 3},
+                        "ex": {"description": "X", "overrides": ["algorithm.name=ex2l"]}},
+            "baselines": ["erm"]}
+    data.update(changes)
+    return data
+
+
+def test_sweep_files_are_checked_with_errors_naming_the_file_and_key() -> None:
+    _study()
+    from studylib.regimes import SweepError, parse_regime
+
+    regime = parse_regime(_sweep(), "t.yaml")
+    assert regime.seeds_of("erm") == (0, 1, 2) and regime.seeds_of("ex") == (0, 1)
+    with pytest.raises(SweepError, match=r"t.yaml: unknown keys \['sweeps'\]"):
+        parse_regime(_sweep(sweeps=1), "t.yaml")
+    bad = _sweep(benchmarks={"b1": {"description": "B", "overrides": [], "methods": ["erm", "nope"]}})
+    with pytest.raises(SweepError, match=r"t.yaml: benchmarks.b1.methods: unknown method 'nope'"):
+        parse_regime(bad, "t.yaml")
+    with pytest.raises(SweepError, match=r"t.yaml: methods.ex: missing key 'description'"):
+        parse_regime(_sweep(methods={"ex": {"overrides": []}}), "t.yaml")
+    with pytest.raises(SweepError, match=r"baselines: unknown method 'dro'"):
+        parse_regime(_sweep(baselines=["dro"]), "t.yaml")
+
+
+def test_each_method_runs_its_own_seeds_seed_major(tmp_path: Path) -> None:
+    _study()
+    from studylib.regimes import parse_regime
+    from studylib.runner import jobs_of
+
+    regime = parse_regime(_sweep(), "t.yaml")
+    assert jobs_of(regime, tmp_path) == [[("b1", "erm", 0), ("b1", "ex", 0), ("b1", "erm", 1), ("b1", "ex", 1),
+                                          ("b1", "erm", 2)]]
+    assert jobs_of(regime, tmp_path, seeds=[2]) == [[("b1", "erm", 2)]]
+
+
+def test_paired_table_and_outcome_from_a_planted_table() -> None:
+    """eX2L ahead of ERM by 10 points of WGA on every seed: the paired difference is +10.0 with a point interval
+    that excludes 0, and the outcome says it beats the baseline; by 2 points it does not."""
+    _study()
+    from studylib.regimes import parse_regime
+    from studylib.tables import outcome, paired_table
+
+    regime = parse_regime(_sweep(), "t.yaml")
+
+    def recs(wgas):
+        return [{"seed": s, "test_aa": 0.5, "test_wga": w, "test_mga": 0.5} for s, w in enumerate(wgas)]
+
+    rows = {"erm": recs([0.1, 0.2, 0.3]), "ex": recs([0.2, 0.3, 0.4])}
+    text = paired_table(rows, regime)
+    assert "| `ex` | `erm` | 3 | +0.0 [+0.0, +0.0] | +10.0 [+10.0, +10.0]* | +0.0 [+0.0, +0.0] | 100 % |" in text
+    assert outcome({"b1": rows}, regime).startswith("`ex` on b1 beats `erm` by at least 5 points")
+    rows["ex"] = recs([0.12, 0.22, 0.32])
+    assert outcome({"b1": rows}, regime).startswith("No eX2L variant beats `erm` by 5 points")
