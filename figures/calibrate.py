@@ -112,11 +112,13 @@ CRITERIA = {
 }
 """Criterion -> (what it asks, lower bound, upper bound), checked on the mean over ERM's seeds."""
 ERM = ["algorithm.name=erm", "model.architecture=shared"]
+PLAIN = ["data.options.benchmark=none"]
+"""A sweep varies a knob from the plain challenge: no named benchmark variant may set the knob behind its back."""
 
 
 def erm_overrides(knob: str, seed: int, epochs: int) -> list[str]:
     """ERM with the preset as shipped, ``knob`` (``key=value``) set, trained for ``epochs`` and evaluated each."""
-    return [*ERM, knob, f"seed={seed}", f"train.epochs={epochs}", "train.eval_every=1"]
+    return [*ERM, *PLAIN, knob, f"seed={seed}", f"train.epochs={epochs}", "train.eval_every=1"]
 
 
 def _train_erm(preset: str, overrides: list[str], out: str, threads: int) -> str:
@@ -176,7 +178,7 @@ def sweep_row(preset: str, knob: str, seeds: list[int], root: Path, preset_epoch
     """Probes and ERM (the preset's epochs, and the whole curve) at one knob value, with the criteria checked."""
     from ex2l_xai.train import read_metrics
 
-    row: dict[str, Any] = {"knob": knob, "probes": calibrate([knob], preset, c), "erm": [], "val_nll": [],
+    row: dict[str, Any] = {"knob": knob, "probes": calibrate([*PLAIN, knob], preset, c), "erm": [], "val_nll": [],
                            "curve": []}
     for s in seeds:
         recs = read_metrics(erm_dir(root, knob, s) / "metrics.jsonl")
