@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ex2l_xai.backbones import BACKBONES, STAGES, Backbone, build_backbone
 from ex2l_xai.cam_structured import CamTail
 from ex2l_xai.errors import ConfigError
+from ex2l_xai.runfiles import RunFiles
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +262,7 @@ class TwoHeadNet(nn.Module):
     def _init_from(self, source: str) -> None:
         path = Path(source)
         if path.is_dir():
-            path = path / "best.pt"
+            path = RunFiles(path).best_file
         if not path.is_file():
             raise ConfigError(f"model.init_from: {path} is not a file (expected a run folder, its best.pt or a state dict)")
         try:
