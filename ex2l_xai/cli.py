@@ -139,16 +139,18 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ex2l_xai.config import load_config
+    from ex2l_xai.models import FrozenPrefixCache
     from ex2l_xai.train import train
 
     start = time.time()
     out = Path(args.out)
     rows, run_dirs = [], []
+    cache = FrozenPrefixCache()  # the three models start from the same ImageNet weights: one prefix per image
     for name in DEMO_ALGORITHMS:
         config = load_config(DEMO_PRESET, [*DEMO_OVERRIDES, *args.overrides, f"algorithm.name={name}"])
         run_dir = out / name
         log.info("demo: training %s into %s", name, run_dir)
-        results = train(config, run_dir, quiet=args.quiet)
+        results = train(config, run_dir, quiet=args.quiet, prefix_cache=cache)
         rows.append(_row(name, results))
         run_dirs.append(run_dir)
     train_seconds = time.time() - start

@@ -31,6 +31,7 @@ from ex2l_xai import distributed
 from ex2l_xai.algorithms import Algorithm, Stage, StageContext, StepContext, StepOutput
 from ex2l_xai.config import Config
 from ex2l_xai.errors import ConfigError, Ex2lError, TrainingError
+from ex2l_xai.models import FrozenPrefixCache
 from ex2l_xai.train.builders import (
     EVAL_SPLITS,
     build_datasets,
@@ -61,7 +62,13 @@ __all__ = ["StepModule", "check_optimizers", "check_stages", "cudnn_flags", "opt
 STAGE_KINDS = ("train", "fit")
 
 
-def train(config: Config, out_dir: str | os.PathLike[str], *, quiet: bool = False) -> dict[str, Any]:
+def train(
+    config: Config,
+    out_dir: str | os.PathLike[str],
+    *,
+    quiet: bool = False,
+    prefix_cache: FrozenPrefixCache | None = None,
+) -> dict[str, Any]:
     """Train ``config`` into the run folder ``out_dir`` and return its ``results.json`` as a dict.
 
     A folder with ``done`` is skipped (its results are returned); a folder with ``checkpoint.pt`` is resumed.
@@ -75,6 +82,10 @@ def train(config: Config, out_dir: str | os.PathLike[str], *, quiet: bool = Fals
         The run folder (created if missing).
     quiet : bool
         No progress bars; per-epoch summaries at DEBUG instead of INFO level.
+    prefix_cache : FrozenPrefixCache, optional
+        With ``model.cache_frozen``: the cache of the frozen prefix's outputs (default: the model's own). Runs
+        given one cache compute each image's prefix once across them (the demo's three runs); its entries name
+        the prefix's weights, so runs of other weights never share an output.
 
     Under ``torchrun`` (a process group open, see :func:`ex2l_xai.distributed.process_group`) every rank calls
     it with the same arguments; the run is trained with DDP, ``data.batch_size`` is the global batch, and rank 0
@@ -114,7 +125,7 @@ def train(config: Config, out_dir: str | os.PathLike[str], *, quiet: bool = Fals
     with cudnn_flags(config.train.deterministic):
         seed_everything(config.seed)
         datasets = build_datasets(config)
-        algorithm = build_run_algorithm(config, datasets["train"], device)
+        algorithm = build_run_algorithm(config, datasets["train"], device, prefix_cache)
         return _Run(config, folder, algorithm, datasets, device, quiet).run()
 
 
@@ -248,7 +259,8 @@ class _Run:
         train_set = self.datasets["train"]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            model = build_model(self.config, train_set.n_labels, train_set.n_confounders)
+            model = build_model(self.config, train_set.n_labels, train_set.n_confounders,
+                                prefix_cache=self.algorithm.model.prefix_cache)
         return model.to(self.device)
 
     def _stage_context(self) -> StageContext:
