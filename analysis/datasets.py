@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import Tensor
 
-from ex2l_xai.data.base import ImageFileDataset, check_missing_files, make_transform, read_csv
+from ex2l_xai.data.base import ImageFileDataset, check_missing_files, make_transform
+from ex2l_xai.data.table import read_image_table, resolve_csv
 from ex2l_xai.errors import DataError, Ex2lError
 
 log = logging.getLogger(__name__)
@@ -197,23 +197,27 @@ def _read_mask(path: str, size: int) -> Tensor:
     return torch.from_numpy(np.asarray(m) > 127).float()[None]
 
 
-def _ids(values: pd.Series, col: str, path: Path) -> tuple[np.ndarray, list[str]]:
-    """Ids of a CSV column of integers or names: sorted distinct values -> 0, 1, ... (names = the values)."""
-    raw = values.tolist()
-    if any(v is None or (isinstance(v, float) and v != v) for v in raw):
-        row = next(i for i, v in enumerate(raw) if v is None or (isinstance(v, float) and v != v)) + 1
-        raise DataError(f"CSV file {str(path)!r} column {col!r} row {row} is empty; expected a value on every row")
+def _imagefolder_labels(root: Path, csv_path: Path, paths: list[str]) -> tuple[list[str], np.ndarray]:
+    """Class names and the label of each listed path of an ImageFolder tree (DIR/<class>/<image>); DataError
+    when an image of the tree has no row or a row no image."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
     try:
-        nums = [float(v) for v in raw]
-        if all(v == int(v) for v in nums):
-            ints = np.asarray([int(v) for v in nums])
-            uniq = np.unique(ints)
-            return np.searchsorted(uniq, ints), [str(int(u)) for u in uniq]
-    except (TypeError, ValueError):
-        pass
-    text = np.asarray([str(v).strip() for v in raw])
-    uniq = np.unique(text)
-    return np.searchsorted(uniq, text), [str(u) for u in uniq]
+        label_names, class_to_idx = find_classes(str(root))
+    except FileNotFoundError as exc:
+        raise DataError(f"--data {str(root)!r}: no class folders ({exc}); expected DIR/<class>/<image>"
+                        " or a CSV with a label column") from exc
+    files = {os.path.normpath(p): y for p, y in make_dataset(str(root), class_to_idx, IMG_EXTENSIONS)}
+    rows = {os.path.normpath(p): i for i, p in enumerate(paths)}
+    unlisted = sorted(set(files) - set(rows))
+    if unlisted:
+        raise DataError(f"image {unlisted[0]!r} of the ImageFolder tree has no row in {str(csv_path)!r} "
+                        f"({len(unlisted)} such); expected a row 'path, confounder' for every image")
+    orphans = sorted(set(rows) - set(files))
+    if orphans:
+        raise DataError(f"CSV file {str(csv_path)!r} lists {orphans[0]!r}, which is not an image of a class "
+                        f"folder of {str(root)!r} ({len(orphans)} such)")
+    return list(label_names), np.asarray([files[os.path.normpath(p)] for p in paths], dtype=np.int64)
 
 
 class FolderDataset(ImageFileDataset):
@@ -228,9 +232,11 @@ class FolderDataset(ImageFileDataset):
       file's confounder. Every image of the tree must have a row, and every row an image.
 
     ``path`` and ``mask`` are relative to ``root`` (or absolute); a mask is an image whose non-zero pixels mark
-    the object. ``label``, ``confounder`` and ``env`` may be integers or names: their sorted distinct values
-    become ids 0, 1, ... Without ``env``, ``env`` = ``confounder``. With a ``split`` column, ``split`` selects
-    its rows (train/val/test or 0/1/2); without one, every row is audited.
+    the object. The CSV is read by :func:`ex2l_xai.data.table.read_image_table`, with the training ``csv``
+    dataset's rules: ``label``, ``confounder`` and ``env`` are integers or names (their sorted distinct values
+    become ids 0, 1, ...); without ``env``, ``env`` = ``confounder``; ``split`` values are train, val (valid,
+    validation), test or 0/1/2, any other value an error naming it. With a ``split`` column, ``split`` selects
+    its rows; without one, every row is audited.
     """
 
     name = "folder"
@@ -238,56 +244,31 @@ class FolderDataset(ImageFileDataset):
 
     def __init__(self, root: str | os.PathLike[str], csv: str | os.PathLike[str] | None = None, *,
                  split: str = "all", image_size: int = 224) -> None:
-        from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-
         root_path = Path(root).expanduser()
         if not root_path.is_dir():
             raise DataError(f"--data {str(root_path)!r} is not a folder; expected the images' root folder")
-        csv_path = Path(csv).expanduser() if csv is not None else root_path / "metadata.csv"
-        if not csv_path.is_absolute() and not csv_path.exists():
-            csv_path = root_path / csv_path
-        df = read_csv(csv_path, ["path", "confounder"], "columns path, [label,] confounder[, env][, mask][, split]")
-        df["path"] = [str(p) if Path(str(p)).is_absolute() else str(root_path / str(p)) for p in df["path"]]
-        if "label" in df.columns:
-            self.layout = "csv"
-            labels, label_names = _ids(df["label"], "label", csv_path)
+        csv_path = resolve_csv(root_path, csv)
+        read = read_image_table(csv_path, root_path, require_label=False, path_columns=("mask",),
+                                what="columns path, [label,] confounder[, env][, mask][, split]")
+        rows = read.rows.copy()
+        if read.label_names is not None:
+            self.layout, label_names = "csv", read.label_names
         else:
             self.layout = "imagefolder"
-            try:
-                label_names, class_to_idx = find_classes(str(root_path))
-            except FileNotFoundError as exc:
-                raise DataError(f"--data {str(root_path)!r}: no class folders ({exc}); expected DIR/<class>/<image>"
-                                " or a CSV with a label column") from exc
-            files = {os.path.normpath(p): y for p, y in make_dataset(str(root_path), class_to_idx, IMG_EXTENSIONS)}
-            rows = {os.path.normpath(p): i for i, p in enumerate(df["path"])}
-            unlisted = sorted(set(files) - set(rows))
-            if unlisted:
-                raise DataError(f"image {unlisted[0]!r} of the ImageFolder tree has no row in {str(csv_path)!r} "
-                                f"({len(unlisted)} such); expected a row 'path, confounder' for every image")
-            orphans = sorted(set(rows) - set(files))
-            if orphans:
-                raise DataError(f"CSV file {str(csv_path)!r} lists {orphans[0]!r}, which is not an image of a class "
-                                f"folder of {str(root_path)!r} ({len(orphans)} such)")
-            labels = np.asarray([files[os.path.normpath(p)] for p in df["path"]], dtype=np.int64)
-        confs, conf_names = _ids(df["confounder"], "confounder", csv_path)
-        if "env" in df.columns:
-            envs, env_names = _ids(df["env"], "env", csv_path)
-        else:
-            envs, env_names = confs, conf_names
-        table = pd.DataFrame({"path": df["path"], "label": labels, "confounder": confs, "env": envs})
-        if "mask" in df.columns:
-            table["mask"] = [str(p) if Path(str(p)).is_absolute() else str(root_path / str(p)) for p in df["mask"]]
-            missing = [p for p in table["mask"] if not os.path.isfile(p)]
+            label_names, labels = _imagefolder_labels(root_path, csv_path, rows["path"].tolist())
+            rows.insert(1, "label", labels)
+        if "mask" in rows.columns:
+            missing = [p for p in rows["mask"] if not os.path.isfile(p)]
             if missing:
                 raise DataError(f"mask file {missing[0]!r} listed in {str(csv_path)!r} does not exist "
                                 f"({len(missing)} missing); expected an image whose non-zero pixels mark the object")
         if split != "all":
-            if "split" not in df.columns:
+            if not read.has_split:
                 raise DataError(f"split {split!r}: CSV file {str(csv_path)!r} has no 'split' column; audit every "
                                 "row (split 'all') or add the column")
-            want = {"train": {"train", "0"}, "val": {"val", "1", "validation"}, "test": {"test", "2"}}[split]
-            keys = [str(v).strip().lower().removesuffix(".0") for v in df["split"]]
-            table = table[[k in want for k in keys]]
+            rows = rows[rows["split"] == split]
+        table = rows.drop(columns="split", errors="ignore")
+        conf_names, env_names = read.confounder_names, read.env_names
         table, _ = check_missing_files(table, False, str(csv_path))
         self.root, self.csv, self.image_size = str(root_path), str(csv_path), int(image_size)
         self.has_masks = "mask" in table.columns

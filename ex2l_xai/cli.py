@@ -22,11 +22,6 @@ from ex2l_xai.errors import Ex2lError
 
 log = logging.getLogger("ex2l_xai.cli")
 
-# OpenMP threads that spin while waiting make CPU training 10-50x slower when other processes share the cores;
-# waiting passively costs little on an idle machine. Set before torch is imported (the commands import it
-# lazily); an explicit OMP_WAIT_POLICY in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 Handler = Callable[[argparse.Namespace], int | None]
 Adder = Callable[[argparse._SubParsersAction], None]
 COMMANDS: list[Adder] = []
@@ -145,16 +140,18 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ex2l_xai.config import load_config
+    from ex2l_xai.models import FrozenPrefixCache
     from ex2l_xai.train import train
 
     start = time.time()
     out = Path(args.out)
     rows, run_dirs = [], []
+    cache = FrozenPrefixCache()  # the three models start from the same ImageNet weights: one prefix per image
     for name in DEMO_ALGORITHMS:
         config = load_config(DEMO_PRESET, [*DEMO_OVERRIDES, *args.overrides, f"algorithm.name={name}"])
         run_dir = out / name
         log.info("demo: training %s into %s", name, run_dir)
-        results = train(config, run_dir, quiet=args.quiet)
+        results = train(config, run_dir, quiet=args.quiet, prefix_cache=cache)
         rows.append(_row(name, results))
         run_dirs.append(run_dir)
     train_seconds = time.time() - start
@@ -337,7 +334,13 @@ def _setup_logging(quiet: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``ex2l`` with ``argv`` (default: ``sys.argv[1:]``) and return the exit status (2 on an Ex2lError,
-    printed as one line on stderr; argparse exits with 2 itself on a usage error)."""
+    printed as one line on stderr; argparse exits with 2 itself on a usage error).
+
+    Before anything else it asks OpenMP to wait passively (``OMP_WAIT_POLICY=PASSIVE``, unless the environment
+    sets it): OpenMP threads that spin while waiting make CPU training 10-50x slower when other processes share
+    the cores, and waiting passively costs little on an idle machine. OpenMP reads the variable when torch is
+    first loaded, which the commands do lazily, after this point; importing this module sets nothing."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(getattr(args, "quiet", False))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -30,6 +29,7 @@ from typing import Any
 import yaml
 
 from ex2l_xai.errors import ConfigError
+from ex2l_xai.values import SELECTION_METRIC, check_choice, check_value
 
 __all__ = [
     "Config",
@@ -38,6 +38,7 @@ __all__ = [
     "OptimConfig",
     "ScheduleConfig",
     "TrainConfig",
+    "SELECTION_METRIC",
     "apply_override",
     "check_value",
     "config_from_dict",
@@ -51,10 +52,6 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("none", "cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
 SELECTIONS = ("val_worst_group_acc", "val_avg_acc", "val_worst_group_nll")
-SELECTION_METRIC = {"val_worst_group_acc": "worst_group_acc", "val_avg_acc": "avg_acc",
-                    "val_worst_group_nll": "worst_group_nll"}
-"""The key of a metrics dict each ``train.selection`` maximises (``worst_group_nll``: minimises)."""
-SELECTION_MINIMISES = ("val_worst_group_nll",)
 ARCHITECTURES = ("shared", "dual")
 
 
@@ -313,63 +310,6 @@ def _build_algorithm(section: Any) -> dict[str, Any]:
     return {"name": name, **dataclasses.asdict(params)}
 
 
-def check_value(value: Any, annotation: Any, key: str, choices: tuple[str, ...] | None = None) -> Any:
-    """``value`` checked against a field's type annotation (and ``choices``, for strings); ints are widened to
-    floats. The project's one type checker of configuration values: the sections here and every algorithm's
-    ``Params`` (:func:`ex2l_xai.algorithms.params_from_dict`) go through it.
-
-    Parameters
-    ----------
-    value : any
-        The value as read from YAML or an override.
-    annotation : type
-        The field's resolved annotation: ``int``, ``float``, ``bool``, ``str``, ``dict[...]`` or an optional
-        (``X | None``) of one of them.
-    key : str
-        The dotted key named in the error (``optim.lr``, ``algorithm.eta``).
-    choices : tuple of str, optional
-        The allowed values of a string field.
-
-    Raises
-    ------
-    ConfigError
-        Naming ``key``, the expected type (or choices) and the value.
-    """
-    optional = False
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        args = typing.get_args(annotation)
-        inner = [a for a in args if a is not type(None)]
-        if len(inner) != 1:
-            raise TypeError(f"{key}: unsupported annotation {annotation!r} (one type, optionally | None)")
-        if value is None and type(None) in args:
-            return None
-        annotation, optional = inner[0], type(None) in args
-    if typing.get_origin(annotation) is dict or annotation is dict:
-        ok, what = isinstance(value, dict), "a mapping"
-    elif annotation is bool:
-        ok, what = isinstance(value, bool), "true or false"
-    elif annotation is int:
-        ok, what = isinstance(value, int) and not isinstance(value, bool), "an integer"
-    elif annotation is float:
-        ok, what = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
-    elif annotation is str:
-        ok, what = isinstance(value, str), "a string"
-    else:  # a programming error in a dataclass, not bad input
-        raise TypeError(f"{key}: unsupported annotation {annotation!r}")
-    if not ok:
-        raise ConfigError(f"{key}: expected {what}{' or null' if optional else ''}, got {value!r}")
-    if annotation is float:
-        return float(value)
-    if annotation is str and choices is not None:
-        _choice(key, value, choices)
-    return copy.deepcopy(value) if isinstance(value, dict) else value
-
-
-def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
-
-
 def _at_least(key: str, value: float, minimum: float, strict: bool = False) -> None:
     if value < minimum or (strict and value == minimum):
         raise ConfigError(f"{key}: expected a value {'>' if strict else '>='} {minimum}, got {value}")
@@ -393,27 +333,27 @@ def _validate(c: Config) -> None:
     _at_least("data.batch_size", c.data.batch_size, 1)
     _at_least("data.eval_batch_size", c.data.eval_batch_size, 1)
     _at_least("data.num_workers", c.data.num_workers, 0)
-    _choice("model.backbone", c.model.backbone, BACKBONES)
-    _choice("model.architecture", c.model.architecture, ARCHITECTURES)
-    _choice("model.freeze", c.model.freeze, FREEZE_POINTS)
+    check_choice("model.backbone", c.model.backbone, BACKBONES)
+    check_choice("model.architecture", c.model.architecture, ARCHITECTURES)
+    check_choice("model.freeze", c.model.freeze, FREEZE_POINTS)
     if c.data.options.get("normalize") is True:
         raise ConfigError(
             "data.options.normalize: true would normalise twice: the model normalises its own input with the "
             "statistics its backbone's weights expect; remove the key"
         )
     _at_least("model.width", c.model.width, 1)
-    _choice("optim.name", c.optim.name, OPTIMIZERS)
+    check_choice("optim.name", c.optim.name, OPTIMIZERS)
     _at_least("optim.lr", c.optim.lr, 0.0, strict=True)
     _at_least("optim.weight_decay", c.optim.weight_decay, 0.0)
     _at_least("optim.momentum", c.optim.momentum, 0.0)
-    _choice("schedule.name", c.schedule.name, SCHEDULES)
+    check_choice("schedule.name", c.schedule.name, SCHEDULES)
     _at_least("schedule.step_size", c.schedule.step_size, 1)
     _at_least("schedule.gamma", c.schedule.gamma, 0.0, strict=True)
     _at_least("schedule.warmup_epochs", c.schedule.warmup_epochs, 0)
     _at_least("train.epochs", c.train.epochs, 1)
     if c.train.device not in DEVICES and not c.train.device.startswith("cuda:"):
         raise ConfigError(f"train.device: expected one of {list(DEVICES)} or cuda:N, got {c.train.device!r}")
-    _choice("train.selection", c.train.selection, SELECTIONS)
+    check_choice("train.selection", c.train.selection, SELECTIONS)
     _at_least("train.eval_every", c.train.eval_every, 1)
     _at_least("train.grad_clip", c.train.grad_clip, 0.0)
 

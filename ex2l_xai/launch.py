@@ -188,10 +188,11 @@ class TrainRun:
 def train_jobs(runs: Mapping[str, tuple[Any, str | os.PathLike[str]]], threads: int | None = None) -> list[Job]:
     """One :class:`Job` per ``name -> (Config, run folder)``, skipped when the folder is ``done``."""
     from ex2l_xai.config import config_to_dict
+    from ex2l_xai.runfiles import RunFiles
 
     return [
         Job(name, TrainRun(config_to_dict(config), str(Path(out).resolve()), threads),
-            skip_if=str(Path(out).resolve() / "done"))
+            skip_if=str(RunFiles(Path(out).resolve()).done_file))
         for name, (config, out) in runs.items()
     ]
 

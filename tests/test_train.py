@@ -225,3 +225,28 @@ def test_selection_breaks_ties_of_validation_accuracy_by_validation_nll(tmp_path
     assert all(isinstance(r["val"]["nll"], float) and r["val"]["nll"] > 0 for r in records)
     best = max(records, key=lambda r: (r["val"]["worst_group_acc"], -r["val"]["nll"]))
     assert results["selected_epoch"] == best["epoch"]
+
+
+def test_cudnn_flags_are_set_for_the_run_and_restored_after_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cudnn = torch.backends.cudnn
+    seen: list[tuple[bool, bool]] = []
+    real = ERM.loss
+
+    def watched(self: ERM, batch: dict[str, torch.Tensor], epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+        seen.append((cudnn.deterministic, cudnn.benchmark))
+        if len(seen) == 2 and not cudnn.deterministic:
+            raise RuntimeError("a step that fails")
+        return real(self, batch, epoch)
+
+    monkeypatch.setattr(ERM, "loss", watched)
+    monkeypatch.setattr(cudnn, "deterministic", False)
+    monkeypatch.setattr(cudnn, "benchmark", True)
+    train(tiny("algorithm.name=erm", "train.epochs=1", "train.deterministic=true"), tmp_path / "a", quiet=True)
+    assert seen and set(seen) == {(True, False)}  # the run's flags, on every step
+    assert (cudnn.deterministic, cudnn.benchmark) == (False, True)  # the caller's, back
+    seen.clear()
+    cudnn.deterministic = True
+    with pytest.raises(RuntimeError, match="a step that fails"):
+        train(tiny("algorithm.name=erm", "train.epochs=1", "train.deterministic=false"), tmp_path / "b", quiet=True)
+    assert set(seen) == {(False, True)} and len(seen) == 2
+    assert (cudnn.deterministic, cudnn.benchmark) == (True, True)  # restored after an error too

@@ -47,9 +47,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ex2l_xai.config import check_value
 from ex2l_xai.errors import ConfigError
 from ex2l_xai.models import TwoHeadNet
+from ex2l_xai.values import check_value
 
 ALGORITHMS: dict[str, type[Algorithm]] = {}
 """The registry: algorithm name -> class (filled by :func:`register`)."""

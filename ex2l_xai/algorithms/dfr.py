@@ -44,10 +44,10 @@ from ex2l_xai.algorithms.base import (
     TrainInfo,
     register,
 )
-from ex2l_xai.config import SELECTION_METRIC, SELECTION_MINIMISES
 from ex2l_xai.errors import ConfigError
 from ex2l_xai.metrics import add_group_nll, group_metrics
 from ex2l_xai.models import TwoHeadNet
+from ex2l_xai.values import SELECTION_METRIC, SELECTION_MINIMISES
 
 
 @dataclass

@@ -154,8 +154,8 @@ class Ex2l(Algorithm):
         self.anchor: TwoHeadNet | None = None
         if params.anchor_weight > 0:
             # the model as training starts (after model.init_from), frozen: Singh et al.'s reference CAMs
+            # (a deep copy shares the model's prefix cache: the same frozen prefix, one cache serves both)
             self.anchor = copy.deepcopy(model).requires_grad_(False).eval()
-            self.anchor._caches = model._caches  # the same frozen prefix: one cache serves both
         self._zero = 0
         self._seen = 0
         self._pen_sum = 0.0

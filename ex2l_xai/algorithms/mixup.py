@@ -83,7 +83,7 @@ class Mixup(Algorithm):
         super().__init__(model, params, info)
         if params.mix == "env":
             require_train_envs("mixup", info)
-        if getattr(model, "_caches", None) is not None:
+        if model.prefix_cache is not None:
             raise ConfigError(
                 "algorithm mixup: model.cache_frozen=true would remember the features of every mixed image, each "
                 "seen once; set model.cache_frozen=false"

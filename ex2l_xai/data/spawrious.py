@@ -148,73 +148,9 @@ class SpawriousDataset(ImageFileDataset):
         cap = REFERENCE_TOTAL if per_group is None else int(per_group)
         if cap < 1:
             raise DataError(f"option per_group={per_group!r}; expected an integer >= 1")
-
-        # every folder this challenge reads, with its sorted files
-        files: dict[tuple[int, str, str], list[str]] = {}
-        for c in train_plan(ch, REFERENCE_TOTAL):
-            b, cls = BACKGROUNDS[c.confounder], CLASSES[c.label]
-            role = f"training env {c.env + 1}" + (" filler" if b == ch.filler else "")
-            files.setdefault((c.folder, b, cls), list_images(_folder(base, c.folder, b, cls, ch, role)))
-        for label, sources in test_sources(ch).items():
-            for folder, b in sources:
-                key = (folder, b, CLASSES[label])
-                if key not in files:
-                    files[key] = list_images(_folder(base, folder, b, CLASSES[label], ch, "test"))
-        for (folder, b, cls), names in files.items():
-            if not names:
-                raise DataError(
-                    f"Spawrious folder {str(base / str(folder) / b / cls)!r} holds no images; expected "
-                    f"{', '.join(IMAGE_EXTENSIONS)} files"
-                )
-
-        total = choose_total(ch, {k: len(v) for k, v in files.items()}, cap)
-        if total == 0:
-            raise DataError(
-                f"Spawrious folders under {str(base)!r} hold too few images for {ch.name}; expected at "
-                "least one image per training cell"
-            )
-        if total < cap:
-            log.info(
-                "spawrious %s: %d images per class and training env (reference %d)",
-                ch.name,
-                total,
-                REFERENCE_TOTAL,
-            )
-        self.total = total
-
-        # hand out files in sorted order: env 1, env 2, then test
-        cursor = {k: 0 for k in files}
-        rows: list[dict[str, object]] = []
-
-        def take(key: tuple[int, str, str], n: int | None, label: int, env: int) -> None:
-            start = cursor[key]
-            stop = len(files[key]) if n is None else min(len(files[key]), start + n)
-            folder, b, cls = key
-            for name in files[key][start:stop]:
-                rows.append(
-                    {
-                        "path": str(base / str(folder) / b / cls / name),
-                        "label": label,
-                        "confounder": BACKGROUNDS.index(b),
-                        "env": env,
-                    }
-                )
-            cursor[key] = stop
-
-        for c in train_plan(ch, total):
-            take((c.folder, BACKGROUNDS[c.confounder], CLASSES[c.label]), c.count, c.label, c.env)
-        n_train = len(rows)
-        for label, sources in test_sources(ch).items():
-            caps = (
-                [None] * len(sources)
-                if test_per_group is None
-                else split_evenly(int(test_per_group), len(sources))
-            )
-            for (folder, b), n in zip(sources, caps, strict=True):
-                take((folder, b, CLASSES[label]), n, label, TEST_ENV)
-        table = pd.DataFrame(rows, columns=["path", "label", "confounder", "env"])
-        if table["path"].duplicated().any():  # pragma: no cover - guaranteed by the cursor
-            raise DataError("Spawrious file selection used a file twice")
+        files = _challenge_files(base, ch)
+        self.total = total = _images_per_cell(base, ch, files, cap)
+        table, n_train = _select_rows(base, ch, files, total, test_per_group)
         if split == "test":
             table = table.iloc[n_train:]
         else:
@@ -229,3 +165,73 @@ class SpawriousDataset(ImageFileDataset):
 
     def _empty_hint(self) -> str:
         return f" (challenge {self.challenge.name} under {self.root!r})"
+
+
+FileKey = tuple[int, str, str]
+"""A Spawrious folder: (top folder 0/1, background, class)."""
+
+
+def _challenge_files(base: Path, ch: Challenge) -> dict[FileKey, list[str]]:
+    """Every folder challenge ``ch`` reads (its training cells, then its test sources), with its sorted files;
+    DataError for a missing or empty folder."""
+    files: dict[FileKey, list[str]] = {}
+    for c in train_plan(ch, REFERENCE_TOTAL):
+        b, cls = BACKGROUNDS[c.confounder], CLASSES[c.label]
+        role = f"training env {c.env + 1}" + (" filler" if b == ch.filler else "")
+        files.setdefault((c.folder, b, cls), list_images(_folder(base, c.folder, b, cls, ch, role)))
+    for label, sources in test_sources(ch).items():
+        for folder, b in sources:
+            key = (folder, b, CLASSES[label])
+            if key not in files:
+                files[key] = list_images(_folder(base, folder, b, CLASSES[label], ch, "test"))
+    for (folder, b, cls), names in files.items():
+        if not names:
+            raise DataError(
+                f"Spawrious folder {str(base / str(folder) / b / cls)!r} holds no images; expected "
+                f"{', '.join(IMAGE_EXTENSIONS)} files"
+            )
+    return files
+
+
+def _images_per_cell(base: Path, ch: Challenge, files: dict[FileKey, list[str]], cap: int) -> int:
+    """Images per class and training environment: ``cap``, or fewer where the folders hold fewer."""
+    total = choose_total(ch, {k: len(v) for k, v in files.items()}, cap)
+    if total == 0:
+        raise DataError(
+            f"Spawrious folders under {str(base)!r} hold too few images for {ch.name}; expected at "
+            "least one image per training cell"
+        )
+    if total < cap:
+        log.info("spawrious %s: %d images per class and training env (reference %d)", ch.name, total,
+                 REFERENCE_TOTAL)
+    return total
+
+
+def _select_rows(
+    base: Path, ch: Challenge, files: dict[FileKey, list[str]], total: int, test_per_group: int | None
+) -> tuple[pd.DataFrame, int]:
+    """The challenge's rows (``path, label, confounder, env``), files handed out in sorted order: env 1, env 2,
+    then test; and the number of training rows (they come first)."""
+    cursor = {k: 0 for k in files}
+    rows: list[dict[str, object]] = []
+
+    def take(key: FileKey, n: int | None, label: int, env: int) -> None:
+        start = cursor[key]
+        stop = len(files[key]) if n is None else min(len(files[key]), start + n)
+        folder, b, cls = key
+        for name in files[key][start:stop]:
+            rows.append({"path": str(base / str(folder) / b / cls / name), "label": label,
+                         "confounder": BACKGROUNDS.index(b), "env": env})
+        cursor[key] = stop
+
+    for c in train_plan(ch, total):
+        take((c.folder, BACKGROUNDS[c.confounder], CLASSES[c.label]), c.count, c.label, c.env)
+    n_train = len(rows)
+    for label, sources in test_sources(ch).items():
+        caps = [None] * len(sources) if test_per_group is None else split_evenly(int(test_per_group), len(sources))
+        for (folder, b), n in zip(sources, caps, strict=True):
+            take((folder, b, CLASSES[label]), n, label, TEST_ENV)
+    table = pd.DataFrame(rows, columns=["path", "label", "confounder", "env"])
+    if table["path"].duplicated().any():  # pragma: no cover - guaranteed by the cursor
+        raise DataError("Spawrious file selection used a file twice")
+    return table, n_train

@@ -19,9 +19,9 @@ batch, rank 0 writes the folder and ``results.json`` gains ``world_size`` (docs/
 
 The package has one module per job: :mod:`~ex2l_xai.train.builders` (device, datasets, model, algorithm,
 optimiser, schedule), :mod:`~ex2l_xai.train.loaders` (data loaders and samplers, per rank under DDP),
-:mod:`~ex2l_xai.train.rng`, :mod:`~ex2l_xai.train.evaluation`, :mod:`~ex2l_xai.train.rundir` (the run folder's
-files and loading a finished run), :mod:`~ex2l_xai.train.syncbn` (global-batch batch norms for DDP) and
-:mod:`~ex2l_xai.train.loop`. The names below are the public API; import them from ``ex2l_xai.train``.
+:mod:`~ex2l_xai.train.rng`, :mod:`~ex2l_xai.train.evaluation`, :mod:`~ex2l_xai.train.rundir` (the run folder:
+:class:`RunFolder`, the one reader and writer of its files, and loading a finished run),
+:mod:`~ex2l_xai.train.syncbn` (global-batch batch norms for DDP) and :mod:`~ex2l_xai.train.loop`. The names below are the public API; import them from ``ex2l_xai.train``.
 """
 
 from ex2l_xai.train.builders import (
@@ -43,6 +43,8 @@ from ex2l_xai.train.loaders import eval_loader, to_device, train_loader
 from ex2l_xai.train.loop import optimizer_step, train
 from ex2l_xai.train.rundir import (
     RUN_FILES,
+    RunFiles,
+    RunFolder,
     load_best,
     load_run,
     load_run_config,
@@ -54,6 +56,8 @@ __all__ = [
     "EVAL_SPLITS",
     "RUN_FILES",
     "CachedDataset",
+    "RunFiles",
+    "RunFolder",
     "Predictor",
     "build_datasets",
     "build_model",

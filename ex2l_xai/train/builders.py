@@ -17,7 +17,7 @@ from ex2l_xai.algorithms import Algorithm, TrainInfo, build_algorithm
 from ex2l_xai.config import Config
 from ex2l_xai.data import DATASETS, SPLITS, get_dataset
 from ex2l_xai.errors import ConfigError
-from ex2l_xai.models import TwoHeadNet
+from ex2l_xai.models import FrozenPrefixCache, TwoHeadNet
 
 __all__ = [
     "EVAL_SPLITS",
@@ -118,7 +118,13 @@ def train_info(config: Config, train_set: Any) -> TrainInfo:
 
 # ---- model and algorithm -------------------------------------------------------------------------------------
 def build_model(
-    config: Config, n_labels: int, n_confounders: int, *, conf_head: int | None = None, initial_weights: bool = True
+    config: Config,
+    n_labels: int,
+    n_confounders: int,
+    *,
+    conf_head: int | None = None,
+    initial_weights: bool = True,
+    prefix_cache: FrozenPrefixCache | None = None,
 ) -> TwoHeadNet:
     """The two-head network of ``config``, with a confounder head only if the algorithm needs one.
 
@@ -132,6 +138,8 @@ def build_model(
     initial_weights : bool
         Load the weights training starts from (``model.pretrained``, ``model.init_from``) and keep the frozen
         prefix's cache (``model.cache_frozen``); False for a network whose weights are loaded next.
+    prefix_cache : FrozenPrefixCache, optional
+        The cache of the frozen prefix with ``model.cache_frozen`` (default: the model's own).
     """
     head = conf_head if conf_head is not None else (n_confounders if config.params().needs_confounder_head() else 0)
     m = config.model
@@ -146,14 +154,18 @@ def build_model(
         freeze=m.freeze,
         cache_frozen=m.cache_frozen if initial_weights else False,
         init_from=m.init_from if initial_weights else None,
+        prefix_cache=prefix_cache,
     )
 
 
-def build_run_algorithm(config: Config, train_set: Any, device: torch.device) -> Algorithm:
-    """The run's model (seeded with ``config.seed``) inside its algorithm, on ``device``."""
+def build_run_algorithm(
+    config: Config, train_set: Any, device: torch.device, prefix_cache: FrozenPrefixCache | None = None
+) -> Algorithm:
+    """The run's model (seeded with ``config.seed``; ``prefix_cache``: see :func:`build_model`) inside its
+    algorithm, on ``device``."""
     info = train_info(config, train_set)
     torch.manual_seed(config.seed)
-    model = build_model(config, train_set.n_labels, train_set.n_confounders)
+    model = build_model(config, train_set.n_labels, train_set.n_confounders, prefix_cache=prefix_cache)
     return build_algorithm(config.algorithm_name, model, config.params(), info).to(device)
 
 

@@ -24,7 +24,7 @@ from ex2l_xai.data import get_dataset
 from ex2l_xai.metrics import add_group_nll, group_metrics
 from ex2l_xai.train.builders import dataset_kwargs, resolve_device
 from ex2l_xai.train.loaders import eval_loader
-from ex2l_xai.train.rundir import load_run
+from ex2l_xai.train.rundir import RunFolder
 
 __all__ = ["Predictor", "evaluate", "evaluate_algorithm", "predict_split", "split_metrics"]
 
@@ -132,7 +132,7 @@ def evaluate(
     """Metrics dict ``M`` of a run's selected model (``best.pt``) on ``split`` of its dataset (on the samples
     its results were taken on, where the algorithm fitted on part of the split: DFR's ``val``)."""
     dev = resolve_device(device)
-    model, config, payload = load_run(run_dir, dev)
+    model, config, payload = RunFolder(run_dir).load_model(dev)
     dataset = get_dataset(config.data.name, split, **dataset_kwargs(config))
     if batch_size is not None:
         config.data.eval_batch_size = batch_size

@@ -14,13 +14,13 @@ stay unwrapped: a DDP run's folder loads like any other.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,9 +29,9 @@ from tqdm.auto import tqdm
 
 from ex2l_xai import distributed
 from ex2l_xai.algorithms import Algorithm, Stage, StageContext, StepContext, StepOutput
-from ex2l_xai.config import Config, dump_config
+from ex2l_xai.config import Config
 from ex2l_xai.errors import ConfigError, Ex2lError, TrainingError
-from ex2l_xai.fileio import append_line, atomic_save, atomic_write, atomic_write_json
+from ex2l_xai.models import FrozenPrefixCache
 from ex2l_xai.train.builders import (
     EVAL_SPLITS,
     build_datasets,
@@ -46,24 +46,29 @@ from ex2l_xai.train.evaluation import evaluate_algorithm
 from ex2l_xai.train.loaders import eval_loader, to_device, train_loader
 from ex2l_xai.train.rng import rng_state, seed_epoch, set_rng_state
 from ex2l_xai.train.rundir import (
+    RunFolder,
     best_payload,
-    check_same_config,
     results_of,
     selection_key,
     selection_score,
     summary_line,
-    truncate_metrics,
 )
 from ex2l_xai.train.syncbn import sync_batchnorm
 
 log = logging.getLogger("ex2l_xai.train")
 
-__all__ = ["StepModule", "check_optimizers", "check_stages", "optimizer_step", "train"]
+__all__ = ["StepModule", "check_optimizers", "check_stages", "cudnn_flags", "optimizer_step", "train"]
 
 STAGE_KINDS = ("train", "fit")
 
 
-def train(config: Config, out_dir: str | os.PathLike[str], *, quiet: bool = False) -> dict[str, Any]:
+def train(
+    config: Config,
+    out_dir: str | os.PathLike[str],
+    *,
+    quiet: bool = False,
+    prefix_cache: FrozenPrefixCache | None = None,
+) -> dict[str, Any]:
     """Train ``config`` into the run folder ``out_dir`` and return its ``results.json`` as a dict.
 
     A folder with ``done`` is skipped (its results are returned); a folder with ``checkpoint.pt`` is resumed.
@@ -77,6 +82,10 @@ def train(config: Config, out_dir: str | os.PathLike[str], *, quiet: bool = Fals
         The run folder (created if missing).
     quiet : bool
         No progress bars; per-epoch summaries at DEBUG instead of INFO level.
+    prefix_cache : FrozenPrefixCache, optional
+        With ``model.cache_frozen``: the cache of the frozen prefix's outputs (default: the model's own). Runs
+        given one cache compute each image's prefix once across them (the demo's three runs); its entries name
+        the prefix's weights, so runs of other weights never share an output.
 
     Under ``torchrun`` (a process group open, see :func:`ex2l_xai.distributed.process_group`) every rank calls
     it with the same arguments; the run is trained with DDP, ``data.batch_size`` is the global batch, and rank 0
@@ -89,7 +98,7 @@ def train(config: Config, out_dir: str | os.PathLike[str], *, quiet: bool = Fals
     ConfigError
         When the algorithm cannot train on the data (e.g. an environment-based method with one environment).
     """
-    out = Path(out_dir)
+    folder = RunFolder(out_dir)
     quiet = quiet or config.train.quiet or not distributed.is_main()
     level = logging.DEBUG if quiet else logging.INFO
     # rank 0 checks and prepares the folder; every rank learns the outcome (so an error stops them all)
@@ -97,7 +106,7 @@ def train(config: Config, out_dir: str | os.PathLike[str], *, quiet: bool = Fals
     failure: Ex2lError | None = None
     if distributed.is_main():
         try:
-            outcome = _prepare_folder(config, out, level)
+            outcome = _prepare_folder(config, folder, level)
         except Ex2lError as exc:
             if not distributed.is_active():
                 raise
@@ -113,30 +122,40 @@ def train(config: Config, out_dir: str | os.PathLike[str], *, quiet: bool = Fals
     device = resolve_device(config.train.device)
     if distributed.is_active() and device.type == "cuda":
         device = torch.device("cuda", distributed.local_rank() % torch.cuda.device_count())
-    if device.type == "cuda":
-        torch.backends.cudnn.deterministic = config.train.deterministic
-        torch.backends.cudnn.benchmark = not config.train.deterministic
-    seed_everything(config.seed)
-    datasets = build_datasets(config)
-    algorithm = build_run_algorithm(config, datasets["train"], device)
-    return _Run(config, out, algorithm, datasets, device, quiet).run()
+    with cudnn_flags(config.train.deterministic):
+        seed_everything(config.seed)
+        datasets = build_datasets(config)
+        algorithm = build_run_algorithm(config, datasets["train"], device, prefix_cache)
+        return _Run(config, folder, algorithm, datasets, device, quiet).run()
 
 
-def _prepare_folder(config: Config, out: Path, level: int) -> tuple[str, Any]:
-    """Check ``out`` against ``config`` and write its ``config.yaml``: ``("done", results)`` for a finished run,
-    else ``("go", None)``."""
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_file = out / "config.yaml"
-    if cfg_file.exists():
-        check_same_config(cfg_file, config)
-    if (out / "done").exists():
+@contextmanager
+def cudnn_flags(deterministic: bool) -> Iterator[None]:
+    """cuDNN's flags for one run, restored on the way out (also on an error): deterministic kernels, or the
+    benchmark mode's fastest ones (``train.deterministic``). No effect on CPU computations."""
+    cudnn = torch.backends.cudnn
+    before = cudnn.deterministic, cudnn.benchmark
+    cudnn.deterministic, cudnn.benchmark = deterministic, not deterministic
+    try:
+        yield
+    finally:
+        cudnn.deterministic, cudnn.benchmark = before
+
+
+def _prepare_folder(config: Config, folder: RunFolder, level: int) -> tuple[str, Any]:
+    """Check ``folder`` against ``config`` and write its ``config.yaml``: ``("done", results)`` for a finished
+    run, else ``("go", None)``."""
+    folder.create()
+    if folder.exists():
+        folder.check_config(config)
+    if folder.is_done():
         try:
-            results = json.loads((out / "results.json").read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise TrainingError(f"{out}: marked done but results.json is unreadable ({exc})") from exc
-        log.log(level, "%s: already done, skipped (%s)", out, config.algorithm_name)
+            results = folder.read_results()
+        except TrainingError as exc:
+            raise TrainingError(f"{folder.path}: marked done but {exc}") from exc
+        log.log(level, "%s: already done, skipped (%s)", folder.path, config.algorithm_name)
         return "done", results
-    atomic_write(cfg_file, dump_config(config))
+    folder.write_config(config)
     return "go", None
 
 
@@ -197,13 +216,14 @@ class _Run:
     def __init__(
         self,
         config: Config,
-        out: Path,
+        folder: RunFolder,
         algorithm: Algorithm,
         datasets: dict[str, Any],
         device: torch.device,
         quiet: bool,
     ) -> None:
-        self.config, self.out, self.algorithm, self.datasets, self.device = config, out, algorithm, datasets, device
+        self.config, self.folder, self.algorithm, self.datasets, self.device = config, folder, algorithm, datasets, device
+        self.out = folder.path
         self.quiet = quiet
         self.level = logging.DEBUG if quiet else logging.INFO
         self.name = config.algorithm_name
@@ -215,7 +235,6 @@ class _Run:
         self.eval_splits = [s for s in EVAL_SPLITS if s in datasets]
         self.eval_loaders = {s: eval_loader(config, datasets[s], device=device, rank=self.rank, world=self.world)
                              for s in self.eval_splits}
-        self.ckpt_file, self.metrics_file, self.best_file = out / "checkpoint.pt", out / "metrics.jsonl", out / "best.pt"
         self.step, self.elapsed = 0, 0.0
         self.best: dict[str, Any] | None = None  # {"epoch", "score", "record"}
         self.show_bar = not quiet and sys.stderr.isatty()
@@ -240,7 +259,8 @@ class _Run:
         train_set = self.datasets["train"]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            model = build_model(self.config, train_set.n_labels, train_set.n_confounders)
+            model = build_model(self.config, train_set.n_labels, train_set.n_confounders,
+                                prefix_cache=self.algorithm.model.prefix_cache)
         return model.to(self.device)
 
     def _stage_context(self) -> StageContext:
@@ -261,25 +281,24 @@ class _Run:
 
     # ---- resume -------------------------------------------------------------------------------------------
     def _load_checkpoint(self) -> dict[str, Any] | None:
-        found = distributed.broadcast_object(self.ckpt_file.exists())  # rank 0's view of the folder
+        found = distributed.broadcast_object(self.folder.has_checkpoint())  # rank 0's view of the folder
         if not found:
             if self.main:
-                self.metrics_file.unlink(missing_ok=True)
-                self.best_file.unlink(missing_ok=True)
+                self.folder.clear_progress()
             return None
+        ckpt = self.folder.load_checkpoint()  # RNG states stay on the CPU
         try:
-            ckpt = torch.load(self.ckpt_file, map_location="cpu", weights_only=True)  # RNG states stay on the CPU
             self.algorithm.load_state_dict(ckpt["algorithm"])
         except Ex2lError:
             raise
         except Exception as exc:
             raise TrainingError(
-                f"{self.ckpt_file}: cannot resume from this checkpoint ({exc}); delete it to restart"
+                f"{self.folder.checkpoint_file}: cannot resume from this checkpoint ({exc}); delete it to restart"
             ) from exc
         set_rng_state(ckpt["rng"])
         self.step, self.elapsed, self.best = ckpt["step"], ckpt["elapsed"], ckpt["best"]
         if self.main:
-            truncate_metrics(self.metrics_file, ckpt["epoch"])
+            self.folder.truncate_metrics(ckpt["epoch"])
         before = ckpt.get("world_size", 1)
         if before != self.world:
             log.warning("%s: resuming a run of %d process(es) with %d: the batches of the remaining epochs are "
@@ -297,7 +316,7 @@ class _Run:
                 schedulers[name].load_state_dict(sched_state)
         except Exception as exc:
             raise TrainingError(
-                f"{self.ckpt_file}: cannot resume from this checkpoint ({exc}); delete it to restart"
+                f"{self.folder.checkpoint_file}: cannot resume from this checkpoint ({exc}); delete it to restart"
             ) from exc
 
     # ---- the run ------------------------------------------------------------------------------------------
@@ -316,8 +335,7 @@ class _Run:
         if self.world > 1:
             results["world_size"] = self.world
         if self.main:
-            atomic_write_json(self.out / "results.json", results)
-            (self.out / "done").touch()
+            self.folder.finish(results)
         distributed.barrier()
         log.log(self.level, "%s: done in %.1f s (selected epoch %d)", self.out, self.elapsed, self.best["epoch"])
         return results
@@ -371,8 +389,8 @@ class _Run:
             out = self._training_step(batch, StepContext(stage_epoch, self.step, stage))
             if not self._all_finite(out):
                 kept_msg = (
-                    f"the last good checkpoint (epoch {epoch}) is kept in {self.ckpt_file}"
-                    if self.ckpt_file.exists()
+                    f"the last good checkpoint (epoch {epoch}) is kept in {self.folder.checkpoint_file}"
+                    if self.folder.has_checkpoint()
                     else "no checkpoint was written yet"
                 )
                 raise TrainingError(
@@ -440,10 +458,10 @@ class _Run:
                 if self.main:
                     payload = best_payload(self.config, self.algorithm.model, self.datasets["train"], self.best,
                                            subsets)
-                    atomic_save(self.best_file, partial(torch.save, payload))
+                    self.folder.save_best(payload)
         record["seconds"] = time.time() - t0
         if self.main:
-            append_line(self.metrics_file, record)
+            self.folder.append_metrics(record)
         log.log(self.level, "%s", summary_line(self.name, done_epoch, self.total, record))
 
     def _checkpoint(self, done_epoch: int, optimizers: dict, schedulers: dict) -> None:
@@ -466,7 +484,7 @@ class _Run:
         checkpoint["best"] = self.best
         if self.world > 1:
             checkpoint["world_size"] = self.world
-        atomic_save(self.ckpt_file, partial(torch.save, checkpoint))
+        self.folder.save_checkpoint(checkpoint)
 
 
 class StepModule(nn.Module):

@@ -1,27 +1,32 @@
-"""The run folder (a contract of docs/architecture.md): its files, the checks before a run starts or resumes in it, the
-payload of ``best.pt``, ``results.json``, and loading a finished run. Every file is written through
-:mod:`ex2l_xai.fileio`."""
+"""The run folder (a contract of docs/architecture.md): :class:`RunFolder`, the one reader and writer of its files
+(their names and plain reads and writes come from :class:`~ex2l_xai.runfiles.RunFiles`), the checks before a run
+starts or resumes in it, the payload of ``best.pt``, ``results.json``, and loading a finished run. Every file is
+written through :mod:`ex2l_xai.fileio`.
+
+The functions ``load_run_config``, ``load_best``, ``load_run``, ``load_run_model``, ``read_metrics`` and
+``check_same_config`` are the same operations on a path, kept for their callers."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import Tensor, nn
 
-from ex2l_xai.config import SELECTION_METRIC, SELECTION_MINIMISES, Config, config_from_dict, config_to_dict
+from ex2l_xai.config import Config, config_from_dict, config_to_dict, dump_config
 from ex2l_xai.errors import ConfigError, TrainingError
-from ex2l_xai.fileio import atomic_write
 from ex2l_xai.models import TwoHeadNet
+from ex2l_xai.runfiles import RUN_FILES, RunFiles, read_jsonl
 from ex2l_xai.train.builders import EVAL_SPLITS, build_model, resolve_device
+from ex2l_xai.values import SELECTION_METRIC, SELECTION_MINIMISES
 
 __all__ = [
     "RUN_FILES",
+    "RunFiles",
+    "RunFolder",
     "best_payload",
     "check_same_config",
     "load_best",
@@ -36,32 +41,71 @@ __all__ = [
     "truncate_metrics",
 ]
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoint.pt", "best.pt", "results.json", "done")
 _IGNORED_ON_RESUME = (("train", "quiet"), ("train", "device"))
 
 
-# ---- metrics.jsonl -------------------------------------------------------------------------------------------
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of ``metrics.jsonl`` (a last line cut by a kill is dropped); [] without the file."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by a kill: dropped, the epoch is redone
-                break
-    return out
+class RunFolder(RunFiles):
+    """A run folder: every file of :class:`~ex2l_xai.runfiles.RunFiles` (names, metrics, checkpoints, results,
+    ``done``) and the typed reads: the run's :class:`~ex2l_xai.config.Config` and its selected model.
+
+    >>> run = RunFolder("runs/demo/erm")
+    >>> run.is_done(), run.read_results()["test"]["worst_group_acc"]   # doctest: +SKIP
+    >>> model, config, payload = run.load_model("cpu")                   # doctest: +SKIP
+    """
+
+    def read_config(self) -> Config:
+        """The :class:`Config` of ``config.yaml``."""
+        raw = self.read_config_dict()
+        try:
+            return config_from_dict(raw)
+        except ConfigError as exc:
+            raise TrainingError(f"{self.config_file}: the run's configuration is not valid ({exc})") from exc
+
+    def write_config(self, config: Config) -> None:
+        """Write ``config.yaml``: the resolved configuration."""
+        self.write_config_text(dump_config(config))
+
+    def check_config(self, config: Config) -> None:
+        """TrainingError unless ``config.yaml`` equals ``config`` (``train.quiet`` and ``train.device`` aside);
+        the message names the first differing key."""
+        old = config_to_dict(self.read_config())
+        a, b = _comparable(old), _comparable(config_to_dict(config))
+        diff = sorted(k for k in set(a) | set(b) if a.get(k, "<missing>") != b.get(k, "<missing>"))
+        if diff:
+            k = diff[0]
+            raise TrainingError(
+                f"{self.path}: this run folder was started with another configuration ({k}: "
+                f"{a.get(k, '<missing>')!r} there, {b.get(k, '<missing>')!r} now"
+                f"{f', and {len(diff) - 1} more keys' if len(diff) > 1 else ''}); use another --out or delete the "
+                "folder"
+            )
+
+    def load_model(self, device: str | torch.device = "cpu") -> tuple[TwoHeadNet, Config, dict[str, Any]]:
+        """The selected model in eval mode on ``device``, the run's config and the rest of the ``best.pt``
+        payload; the network is built by the same builder as in training
+        (:func:`~ex2l_xai.train.build_model`)."""
+        config = self.read_config()
+        payload = self.load_best()
+        model = build_model(config, payload["n_labels"], payload["n_confounders"],
+                            conf_head=payload["n_confounders"], initial_weights=False)
+        model.load_state_dict(payload.pop("model"))
+        dev = resolve_device(device) if isinstance(device, str) else device
+        return model.to(dev).eval(), config, payload
 
 
-def truncate_metrics(path: Path, last_epoch: int) -> None:
-    """Keep the records of epochs up to ``last_epoch`` (those of later, unfinished epochs go)."""
-    kept = [r for r in read_metrics(path) if r.get("epoch", 0) <= last_epoch]
-    atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
+# ---- the same operations on a path (kept for their callers) -------------------------------------------------
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl`` (a last line cut by a kill is dropped); [] without the file. ``path`` is
+    the run folder or the file itself."""
+    path = Path(path)
+    return RunFolder(path).read_metrics() if path.is_dir() else read_jsonl(path)
 
 
-# ---- config.yaml ---------------------------------------------------------------------------------------------
+def truncate_metrics(path: str | os.PathLike[str], last_epoch: int) -> None:
+    """Keep the records of epochs up to ``last_epoch`` in the ``metrics.jsonl`` file ``path``."""
+    RunFolder(Path(path).parent).truncate_metrics(last_epoch)
+
+
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -80,25 +124,9 @@ def _comparable(d: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def check_same_config(path: Path, config: Config) -> None:
-    """TrainingError unless the run folder's ``config.yaml`` (``path``) equals ``config`` (``train.quiet`` and
-    ``train.device`` aside); the message names the first differing key."""
-    try:
-        old_raw = yaml.safe_load(path.read_text()) or {}
-        old = config_to_dict(config_from_dict(old_raw))
-    except (OSError, yaml.YAMLError) as exc:
-        raise TrainingError(f"{path}: cannot read the run's configuration ({exc})".replace("\n", " ")) from exc
-    except ConfigError as exc:
-        raise TrainingError(f"{path}: the run's configuration is no longer valid ({exc})") from exc
-    a, b = _comparable(old), _comparable(config_to_dict(config))
-    diff = sorted(k for k in set(a) | set(b) if a.get(k, "<missing>") != b.get(k, "<missing>"))
-    if diff:
-        k = diff[0]
-        raise TrainingError(
-            f"{path.parent}: this run folder was started with another configuration ({k}: "
-            f"{a.get(k, '<missing>')!r} there, {b.get(k, '<missing>')!r} now"
-            f"{f', and {len(diff) - 1} more keys' if len(diff) > 1 else ''}); use another --out or delete the folder"
-        )
+def check_same_config(path: str | os.PathLike[str], config: Config) -> None:
+    """:meth:`RunFolder.check_config` of the run folder whose ``config.yaml`` is ``path``."""
+    RunFolder(Path(path).parent).check_config(config)
 
 
 # ---- selection, best.pt, results.json ------------------------------------------------------------------------
@@ -186,41 +214,22 @@ def summary_line(name: str, epoch: int, epochs: int, r: dict[str, Any]) -> str:
 
 # ---- loading a finished run ----------------------------------------------------------------------------------
 def load_run_config(run_dir: str | os.PathLike[str]) -> Config:
-    """The :class:`Config` of a run folder (its ``config.yaml``)."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise TrainingError(f"{run_dir}: no config.yaml; expected a run folder written by `ex2l train`")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise TrainingError(f"{path}: invalid YAML ({exc})".replace("\n", " ")) from exc
-    return config_from_dict(raw)
+    """The :class:`Config` of a run folder (its ``config.yaml``): :meth:`RunFolder.read_config`."""
+    return RunFolder(run_dir).read_config()
 
 
 def load_best(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``best.pt`` payload of a run folder."""
-    path = Path(run_dir) / "best.pt"
-    if not path.is_file():
-        raise TrainingError(f"{run_dir}: no best.pt; the run has not finished an evaluated epoch")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise TrainingError(f"{path}: cannot load ({exc})") from exc
+    """The ``best.pt`` payload of a run folder: :meth:`RunFiles.load_best`."""
+    return RunFolder(run_dir).load_best()
 
 
 def load_run(run_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[TwoHeadNet, Config, dict]:
-    """The selected model of a run folder in eval mode, its config and the rest of its ``best.pt`` payload;
-    the network is built by the same builder as in training (:func:`~ex2l_xai.train.build_model`)."""
-    config = load_run_config(run_dir)
-    payload = load_best(run_dir)
-    model = build_model(config, payload["n_labels"], payload["n_confounders"], conf_head=payload["n_confounders"],
-                        initial_weights=False)
-    model.load_state_dict(payload.pop("model"))
-    dev = resolve_device(device) if isinstance(device, str) else device
-    return model.to(dev).eval(), config, payload
+    """The selected model of a run folder in eval mode, its config and the rest of its ``best.pt`` payload:
+    :meth:`RunFolder.load_model`."""
+    return RunFolder(run_dir).load_model(device)
 
 
 def load_run_model(run_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[TwoHeadNet, Config]:
     """The selected model of a run folder (``best.pt``), in eval mode, and the run's config."""
-    model, config, _ = load_run(run_dir, device)
+    model, config, _ = RunFolder(run_dir).load_model(device)
     return model, config
