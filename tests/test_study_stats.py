@@ -41,3 +41,13 @@ def test_constant_or_single_differences_have_a_point_interval() -> None:
     assert d.low == d.high == 0.5 and d.excludes_zero()
     one = paired_difference({0: 0.3}, {0: 0.1})
     assert one.n == 1 and one.low == one.high == pytest.approx(0.2) and not one.excludes_zero()
+
+
+def test_budget_is_where_the_mean_validation_ce_stops_improving_by_min_delta() -> None:
+    import calibrate
+
+    # mean curve 0.05, 0.01, 0.004, 0.0035, 0.0034, 0.001: epochs 4 and 5 improve by < 1e-3, so it stops at 3
+    curves = [[0.06, 0.012, 0.005, 0.004, 0.0038, 0.001], [0.04, 0.008, 0.003, 0.003, 0.003, 0.001]]
+    assert calibrate.budget(curves) == 3
+    assert calibrate.budget([[0.5, 0.4, 0.3, 0.2]]) == 4  # never stops: the last epoch
+    assert calibrate.budget([[0.5, 0.6, 0.7, 0.1]], patience=2) == 1  # two epochs without improvement
