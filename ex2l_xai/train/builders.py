@@ -118,7 +118,13 @@ def train_info(config: Config, train_set: Any) -> TrainInfo:
 
 # ---- model and algorithm -------------------------------------------------------------------------------------
 def build_model(
-    config: Config, n_labels: int, n_confounders: int, *, conf_head: int | None = None, initial_weights: bool = True
+    config: Config,
+    n_labels: int,
+    n_confounders: int,
+    *,
+    conf_head: int | None = None,
+    initial_weights: bool = True,
+    image_size: int | None = None,
 ) -> TwoHeadNet:
     """The two-head network of ``config``, with a confounder head only if the algorithm needs one.
 
@@ -132,6 +138,8 @@ def build_model(
     initial_weights : bool
         Load the weights training starts from (``model.pretrained``, ``model.init_from``) and keep the frozen
         prefix's cache (``model.cache_frozen``); False for a network whose weights are loaded next.
+    image_size : int, optional
+        The images' size: a ``vit_tiny``'s position embeddings are made for it (default 224).
     """
     head = conf_head if conf_head is not None else (n_confounders if config.params().needs_confounder_head() else 0)
     m = config.model
@@ -146,6 +154,7 @@ def build_model(
         freeze=m.freeze,
         cache_frozen=m.cache_frozen if initial_weights else False,
         init_from=m.init_from if initial_weights else None,
+        image_size=int(image_size) if image_size else 224,
     )
 
 
@@ -153,7 +162,8 @@ def build_run_algorithm(config: Config, train_set: Any, device: torch.device) ->
     """The run's model (seeded with ``config.seed``) inside its algorithm, on ``device``."""
     info = train_info(config, train_set)
     torch.manual_seed(config.seed)
-    model = build_model(config, train_set.n_labels, train_set.n_confounders)
+    model = build_model(config, train_set.n_labels, train_set.n_confounders,
+                        image_size=getattr(train_set, "image_size", None))
     return build_algorithm(config.algorithm_name, model, config.params(), info).to(device)
 
 

@@ -240,7 +240,8 @@ class _Run:
         train_set = self.datasets["train"]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            model = build_model(self.config, train_set.n_labels, train_set.n_confounders)
+            model = build_model(self.config, train_set.n_labels, train_set.n_confounders,
+                                image_size=getattr(train_set, "image_size", None))
         return model.to(self.device)
 
     def _stage_context(self) -> StageContext:

@@ -14,6 +14,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from ex2l_xai.backbones import vit_image_size
 from ex2l_xai.config import SELECTION_METRIC, Config, config_from_dict, config_to_dict
 from ex2l_xai.errors import ConfigError, TrainingError
 from ex2l_xai.fileio import atomic_write
@@ -212,7 +213,7 @@ def load_run(run_dir: str | os.PathLike[str], device: str | torch.device = "cpu"
     config = load_run_config(run_dir)
     payload = load_best(run_dir)
     model = build_model(config, payload["n_labels"], payload["n_confounders"], conf_head=payload["n_confounders"],
-                        initial_weights=False)
+                        initial_weights=False, image_size=vit_image_size(payload["model"]))
     model.load_state_dict(payload.pop("model"))
     dev = resolve_device(device) if isinstance(device, str) else device
     return model.to(dev).eval(), config, payload
