@@ -316,13 +316,15 @@ def _weighted_maps(
     variant: Variant = "gradcam",
 ) -> Tensor:
     """``sum_k alpha_k A_k`` (ReLU'd if asked) for each query; stacked on dim 1 for ``"all"``. For a variant other
-    than Grad-CAM, ``alpha`` (B, K) is the gradient, the same at every position (a pooling + linear head), and the
-    map is the variant's (:func:`~ex2l_xai.cam_variants.variant_map`)."""
+    than Grad-CAM, ``alpha`` is the gradient, (B, K, h, w), or (B, K) when it is the same at every position (a
+    pooling + linear head), and the map is the variant's (:func:`~ex2l_xai.cam_variants.variant_map`)."""
     src = acts if create_graph else acts.detach()
     maps = []
     for alpha in alphas:
         if variant == "gradcam":
             cam = (alpha[:, :, None, None] * src).sum(1)
+        elif alpha.dim() == 4:  # a gradient map (the structured tail's, for the other variants)
+            cam = variant_map(src, alpha, variant)
         else:
             cam = variant_map(src, constant_gradient(alpha, src), variant)
         maps.append(F.relu(cam) if relu else cam)
@@ -361,8 +363,10 @@ def _structured_cams(
     targets: Sequence[HeadTarget | None],
     relus: Sequence[bool],
     create_graph: bool,
+    variant: Variant = "gradcam",
 ) -> list[Tensor | None] | None:
-    """The CAMs of all heads via :func:`~ex2l_xai.cam_structured.tail_alphas`, heads that share a tail batched.
+    """The CAMs of all heads via :func:`~ex2l_xai.cam_structured.tail_alphas`, heads that share a tail batched
+    (for a variant other than Grad-CAM, the whole gradient map rather than its spatial mean).
 
     Each head's tail, as the model describes it, must match the recorded pass: the tail's last map feeds global
     pooling and then the described head, whose output is that head's logits (:mod:`ex2l_xai.cam_heads`); else
@@ -390,7 +394,9 @@ def _structured_cams(
         tail, acts = tails[i0], store[i0]
         assert tail is not None and acts is not None
         heads = [(tails[i].head, t) for i, t in qs]  # type: ignore[union-attr]
-        alphas = cam_structured.tail_alphas(tail.modules, rec, acts, heads, create_graph=create_graph)
+        alphas = cam_structured.tail_alphas(
+            tail.modules, rec, acts, heads, create_graph=create_graph, spatial_mean=variant == "gradcam"
+        )
         if alphas is None:
             return None
         for (i, _), alpha in zip(qs, alphas, strict=True):
@@ -399,7 +405,7 @@ def _structured_cams(
     for i, alphas in per_head.items():
         acts = store[i]
         assert acts is not None
-        cams[i] = _weighted_maps(alphas, acts, targets[i], relus[i], create_graph)  # type: ignore[arg-type]
+        cams[i] = _weighted_maps(alphas, acts, targets[i], relus[i], create_graph, variant)  # type: ignore[arg-type]
     return cams
 
 
@@ -434,8 +440,8 @@ def head_cams(
 
     ``variant`` (:mod:`ex2l_xai.cam_variants`) applies to every head. Where the recorded pass proves that a CAM
     layer feeds global average pooling and a linear head, every variant takes its closed form from the head's
-    weights; the structured tail path serves ``"gradcam"`` only (it computes the gradient's spatial mean, not the
-    map the other variants need), so other variants use autograd there. ``reshape`` (a callable to (B, K, h, w))
+    weights; the structured tail path computes the gradient's spatial mean for ``"gradcam"`` and the whole
+    gradient map for the other variants. ``reshape`` (a callable to (B, K, h, w))
     overrides :func:`~ex2l_xai.cam_layers.auto_reshape` for every layer (token and channels-last layers).
     """
     check_variant(variant)
@@ -444,8 +450,6 @@ def head_cams(
         raise Ex2lError(f"targets: expected one per head ({len(layers)}), got {len(targets)}")
     shapes = [reshape if reshape is not None else auto_reshape(forward_fn, layer) for layer in layers]
     tails = _structured_tails(forward_fn, layers, method)
-    if variant != "gradcam":
-        tails = None
     explicit = method != "autograd" and not any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
     with torch.enable_grad():
         with ExitStack() as stack:
@@ -479,7 +483,7 @@ def head_cams(
                     todo.remove(i)
         if todo and tails is not None:  # 2. a described tail, checked against the pass
             sub = [targets[i] if i in todo else None for i in range(len(layers))]
-            got = _structured_cams(tails, rec, probe, store, logits, sub, relus, create_graph)
+            got = _structured_cams(tails, rec, probe, store, logits, sub, relus, create_graph, variant)
             if got is not None:
                 for i in todo:
                     cams[i] = got[i]
@@ -487,8 +491,8 @@ def head_cams(
         if todo and method == "structured":
             raise Ex2lError(
                 f"method='structured': heads {todo} have neither a CAM layer that feeds global pooling and a "
-                "linear head nor a described tail (cam_tails()) that matches the recorded forward pass (tails "
-                f"serve variant 'gradcam' only; this is {variant!r}); use method='auto' to fall back to autograd"
+                "linear head nor a described tail (cam_tails()) that matches the recorded forward pass; use "
+                "method='auto' to fall back to autograd"
             )
         for j, i in enumerate(todo):  # 3. autograd
             # Keep the graph while another head still needs it, or when the caller will backpropagate.

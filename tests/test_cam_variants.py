@@ -269,3 +269,28 @@ def test_equals_pytorch_grad_cam_on_vit_tiny(variant: str) -> None:
     ours = grad_cam(model, layer, x, classes, variant=variant)
     assert ours.shape == (2, 14, 14)
     _assert_relative(ours, _reference_raw(_reference_classes()[variant], model, layer, x, classes, their_reshape))
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "gradcam"])
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_structured_tail_gives_each_variant_as_autograd(variant: str, train_mode: bool) -> None:
+    """Below the last block the structured path returns the whole gradient map for the variants that need it:
+    the same maps and parameter gradients as autograd (float64), for both heads over a shared tail."""
+    from test_cam_structured import TinyResNet, _perturb_bn
+
+    torch.manual_seed(0)
+    model = TinyResNet().double().train(train_mode)
+    _perturb_bn(model)
+    x = torch.rand(4, 3, 8, 8, dtype=torch.double)
+    y, c = torch.tensor([0, 1, 2, 0]), torch.tensor([3, 0, 1, 2])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    got = {}
+    for method in ("autograd", "structured"):
+        model.load_state_dict(state)
+        res = head_cams(model, model.cam_layers(), x, [y, c], relu=False, method=method, variant=variant)
+        loss = sum((cm**2).mean() for cm in res.cams)
+        got[method] = (res.cams, torch.autograd.grad(loss, list(model.parameters()), materialize_grads=True))
+    for a, s in zip(got["autograd"][0], got["structured"][0], strict=True):
+        torch.testing.assert_close(s, a, rtol=1e-10, atol=1e-12)
+    for a, s in zip(got["autograd"][1], got["structured"][1], strict=True):
+        torch.testing.assert_close(s, a, rtol=1e-8, atol=1e-11)
