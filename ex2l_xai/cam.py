@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ex2l_xai import cam_heads, cam_structured
+from ex2l_xai.cam_layers import Reshape, auto_reshape
+from ex2l_xai.cam_variants import VARIANTS, Variant, check_variant, constant_gradient, variant_map
 from ex2l_xai.errors import Ex2lError
 
 Target = int | Sequence[int] | Tensor
@@ -39,7 +41,9 @@ Backend = Literal["fused", "captum"]
 Method = Literal["auto", "autograd", "structured"]
 
 __all__ = [
+    "VARIANTS",
     "HeadCams",
+    "Variant",
     "capture_activations",
     "cam_from_activations",
     "grad_cam",
@@ -112,12 +116,17 @@ def cam_from_activations(
     create_graph: bool = False,
     retain_graph: bool | None = None,
     relu: bool = True,
+    variant: Variant = "gradcam",
+    reshape: Reshape | None = None,
 ) -> Tensor:
-    """Grad-CAM of ``scores[:, target]`` at already-captured ``activations`` (B, K, *spatial).
+    """The CAM (``variant``, :mod:`ex2l_xai.cam_variants`) of ``scores[:, target]`` at already-captured
+    ``activations`` (B, K, *spatial), or at ``reshape(activations)`` when given (tokens, channels-last maps:
+    :mod:`ex2l_xai.cam_layers`; the gradient is reshaped the same way).
 
     ``scores`` must have been computed from ``activations`` in the same graph. Returns (B, *spatial); with
     ``create_graph=False`` the result is detached.
     """
+    check_variant(variant)
     if activations.dim() < 3:
         raise Ex2lError(f"activations: expected (B, K, h, w) or (B, K, L), got shape {tuple(activations.shape)}")
     if scores.dim() != 2 or scores.shape[0] != activations.shape[0]:
@@ -134,9 +143,16 @@ def cam_from_activations(
         create_graph=create_graph,
         retain_graph=create_graph if retain_graph is None else retain_graph,
     )
-    spatial = tuple(range(2, activations.dim()))
-    weights = grads.mean(dim=spatial, keepdim=True)
-    cam = (weights * activations).sum(dim=1)
+    if reshape is not None:
+        activations, grads = reshape(activations), reshape(grads)
+        if activations.dim() < 3 or activations.shape != grads.shape:
+            raise Ex2lError(f"reshape: expected a map (B, K, h, w), got shape {tuple(activations.shape)}")
+    if variant == "gradcam":  # written out as it always was: the default's numbers do not move
+        spatial = tuple(range(2, activations.dim()))
+        weights = grads.mean(dim=spatial, keepdim=True)
+        cam = (weights * activations).sum(dim=1)
+    else:
+        cam = variant_map(activations, grads, variant)
     if relu:
         cam = F.relu(cam)
     return cam if create_graph else cam.detach()
@@ -168,25 +184,39 @@ def grad_cam(
     inputs: Tensor,
     target: Target,
     *,
+    variant: Variant = "gradcam",
     backend: Backend = "fused",
     create_graph: bool = False,
     relu: bool = True,
+    reshape: Reshape | None = None,
 ) -> Tensor:
-    """Grad-CAM of ``forward_fn(inputs)[:, target]`` at ``layer``; returns (B, h, w).
+    """The CAM of ``forward_fn(inputs)[:, target]`` at ``layer``; returns (B, h, w), unnormalised.
 
     Parameters
     ----------
     forward_fn : callable mapping ``inputs`` to logits (B, n_classes), e.g. a model.
-    layer : the module whose output the CAM is taken at (e.g. ``model.layer4``).
+    layer : the module whose output the CAM is taken at (e.g. ``model.layer4``, a ViT's ``blocks[-1].norm1``).
     inputs : batch of inputs (B, ...).
     target : one class index for all samples, or one per sample.
-    backend : ``"fused"`` (forward hook + ``torch.autograd.grad``) or ``"captum"`` (``LayerGradCam``).
+    variant : ``"gradcam"`` (default), ``"gradcam++"``, ``"hirescam"``, ``"xgradcam"`` or ``"layercam"``
+        (definitions: :mod:`ex2l_xai.cam_variants`).
+    backend : ``"fused"`` (forward hook + ``torch.autograd.grad``) or ``"captum"`` (``LayerGradCam``; Grad-CAM of
+        a (B, K, h, w) layer only).
     create_graph : keep the graph so the CAM can be differentiated (for a penalty); else it is detached.
     relu : ReLU the map, as Grad-CAM does (``False`` gives the signed map).
+    reshape : callable from the layer's output to (B, K, h, w); default :func:`~ex2l_xai.cam_layers.auto_reshape`
+        (tokens of a ViT, channels-last maps of a Swin; conv maps as they are).
+
+    Examples
+    --------
+    >>> cam = grad_cam(model, model.layer4, images, labels, variant="hirescam")  # doctest: +SKIP
     """
+    check_variant(variant)
     t = _as_target(target, inputs.shape[0], inputs.device)
     with torch.enable_grad():
         if backend == "captum":
+            if variant != "gradcam" or reshape is not None:
+                raise Ex2lError("backend='captum' computes Grad-CAM of a (B, K, h, w) layer only; use backend='fused'")
             return _grad_cam_captum(forward_fn, layer, inputs, t, create_graph, relu)
         if backend != "fused":
             raise Ex2lError(f"backend: expected 'fused' or 'captum', got {backend!r}")
@@ -194,7 +224,10 @@ def grad_cam(
             scores = forward_fn(inputs)
         if store[0] is None:
             raise Ex2lError(f"layer {type(layer).__name__} was not called by forward_fn")
-        return cam_from_activations(store[0], scores, t, create_graph=create_graph, relu=relu)
+        shape = reshape if reshape is not None else auto_reshape(forward_fn, layer)
+        return cam_from_activations(
+            store[0], scores, t, create_graph=create_graph, relu=relu, variant=variant, reshape=shape
+        )
 
 
 @dataclass
@@ -208,24 +241,28 @@ class HeadCams:
 
 
 def _head_cam(
-    acts: Tensor, logits: Tensor, target: HeadTarget, create_graph: bool, retain: bool, relu: bool
+    acts: Tensor,
+    logits: Tensor,
+    target: HeadTarget,
+    create_graph: bool,
+    retain: bool,
+    relu: bool,
+    variant: Variant = "gradcam",
+    reshape: Reshape | None = None,
 ) -> Tensor:
+    kw: dict[str, Any] = {"create_graph": create_graph, "relu": relu, "variant": variant, "reshape": reshape}
     if isinstance(target, str):
         if target == "pred":
-            return cam_from_activations(
-                acts, logits, logits.detach().argmax(1), create_graph=create_graph, retain_graph=retain, relu=relu
-            )
+            return cam_from_activations(acts, logits, logits.detach().argmax(1), retain_graph=retain, **kw)
         if target == "all":
             n_classes = logits.shape[1]
             maps = [
-                cam_from_activations(
-                    acts, logits, k, create_graph=create_graph, retain_graph=retain or k < n_classes - 1, relu=relu
-                )
+                cam_from_activations(acts, logits, k, retain_graph=retain or k < n_classes - 1, **kw)
                 for k in range(n_classes)
             ]
             return torch.stack(maps, dim=1)
         raise Ex2lError(f"target: expected class indices, 'pred' or 'all', got {target!r}")
-    return cam_from_activations(acts, logits, target, create_graph=create_graph, retain_graph=retain, relu=relu)
+    return cam_from_activations(acts, logits, target, retain_graph=retain, **kw)
 
 
 def _structured_tails(
@@ -271,22 +308,42 @@ def _head_targets(logits: Tensor, target: HeadTarget) -> list[Tensor]:
 
 
 def _weighted_maps(
-    alphas: Sequence[Tensor], acts: Tensor, target: HeadTarget, relu: bool, create_graph: bool
+    alphas: Sequence[Tensor],
+    acts: Tensor,
+    target: HeadTarget,
+    relu: bool,
+    create_graph: bool,
+    variant: Variant = "gradcam",
 ) -> Tensor:
-    """``sum_k alpha_k A_k`` (ReLU'd if asked) for each query; stacked on dim 1 for ``"all"``."""
+    """``sum_k alpha_k A_k`` (ReLU'd if asked) for each query; stacked on dim 1 for ``"all"``. For a variant other
+    than Grad-CAM, ``alpha`` is the gradient, (B, K, h, w), or (B, K) when it is the same at every position (a
+    pooling + linear head), and the map is the variant's (:func:`~ex2l_xai.cam_variants.variant_map`)."""
     src = acts if create_graph else acts.detach()
     maps = []
     for alpha in alphas:
-        cam = (alpha[:, :, None, None] * src).sum(1)
+        if variant == "gradcam":
+            cam = (alpha[:, :, None, None] * src).sum(1)
+        elif alpha.dim() == 4:  # a gradient map (the structured tail's, for the other variants)
+            cam = variant_map(src, alpha, variant)
+        else:
+            cam = variant_map(src, constant_gradient(alpha, src), variant)
         maps.append(F.relu(cam) if relu else cam)
     every_class = isinstance(target, str) and target == "all"
     return torch.stack(maps, dim=1) if every_class else maps[0]
 
 
 def _closed_form_cam(
-    probe: cam_heads.HeadProbe, acts: Tensor, logits: Tensor, target: HeadTarget, relu: bool, create_graph: bool
+    probe: cam_heads.HeadProbe,
+    acts: Tensor,
+    logits: Tensor,
+    target: HeadTarget,
+    relu: bool,
+    create_graph: bool,
+    variant: Variant = "gradcam",
 ) -> Tensor | None:
-    """The CAM from ``W[target] / (h w)`` when the recorded pass proves ``logits = Linear(GAP(acts))``, else None."""
+    """The CAM from ``W[target] / (h w)`` when the recorded pass proves ``logits = Linear(GAP(acts))``, else None.
+
+    Every variant has this closed form: the gradient is ``W[target] / (h w)`` at every position."""
     if acts.dim() != 4:
         return None
     head = probe.linear_after_pool(logits, acts)
@@ -294,7 +351,7 @@ def _closed_form_cam(
         return None
     hw = acts.shape[2] * acts.shape[3]
     alphas = [cam_heads.closed_form_alphas(head, t, hw, create_graph) for t in _head_targets(logits, target)]
-    return _weighted_maps(alphas, acts, target, relu, create_graph)
+    return _weighted_maps(alphas, acts, target, relu, create_graph, variant)
 
 
 def _structured_cams(
@@ -306,8 +363,10 @@ def _structured_cams(
     targets: Sequence[HeadTarget | None],
     relus: Sequence[bool],
     create_graph: bool,
+    variant: Variant = "gradcam",
 ) -> list[Tensor | None] | None:
-    """The CAMs of all heads via :func:`~ex2l_xai.cam_structured.tail_alphas`, heads that share a tail batched.
+    """The CAMs of all heads via :func:`~ex2l_xai.cam_structured.tail_alphas`, heads that share a tail batched
+    (for a variant other than Grad-CAM, the whole gradient map rather than its spatial mean).
 
     Each head's tail, as the model describes it, must match the recorded pass: the tail's last map feeds global
     pooling and then the described head, whose output is that head's logits (:mod:`ex2l_xai.cam_heads`); else
@@ -335,7 +394,9 @@ def _structured_cams(
         tail, acts = tails[i0], store[i0]
         assert tail is not None and acts is not None
         heads = [(tails[i].head, t) for i, t in qs]  # type: ignore[union-attr]
-        alphas = cam_structured.tail_alphas(tail.modules, rec, acts, heads, create_graph=create_graph)
+        alphas = cam_structured.tail_alphas(
+            tail.modules, rec, acts, heads, create_graph=create_graph, spatial_mean=variant == "gradcam"
+        )
         if alphas is None:
             return None
         for (i, _), alpha in zip(qs, alphas, strict=True):
@@ -344,7 +405,7 @@ def _structured_cams(
     for i, alphas in per_head.items():
         acts = store[i]
         assert acts is not None
-        cams[i] = _weighted_maps(alphas, acts, targets[i], relus[i], create_graph)  # type: ignore[arg-type]
+        cams[i] = _weighted_maps(alphas, acts, targets[i], relus[i], create_graph, variant)  # type: ignore[arg-type]
     return cams
 
 
@@ -358,6 +419,8 @@ def head_cams(
     retain_graph: bool | None = None,
     relu: bool | Sequence[bool] = True,
     method: Method = "auto",
+    variant: Variant = "gradcam",
+    reshape: Reshape | None = None,
 ) -> HeadCams:
     """The CAM of several heads from ONE forward pass (the training-time path of eX2L).
 
@@ -374,10 +437,18 @@ def head_cams(
     for all heads on a shared tail, only the spatial sums alpha needs) — the same CAMs and gradients, cheaper,
     for a ``forward_fn`` that describes its tails (``TwoHeadNet`` with a ResNet backbone, called with its own
     ``cam_layers()``); ``"auto"`` (default) uses it where it applies and autograd elsewhere.
+
+    ``variant`` (:mod:`ex2l_xai.cam_variants`) applies to every head. Where the recorded pass proves that a CAM
+    layer feeds global average pooling and a linear head, every variant takes its closed form from the head's
+    weights; the structured tail path computes the gradient's spatial mean for ``"gradcam"`` and the whole
+    gradient map for the other variants. ``reshape`` (a callable to (B, K, h, w))
+    overrides :func:`~ex2l_xai.cam_layers.auto_reshape` for every layer (token and channels-last layers).
     """
+    check_variant(variant)
     relus = [relu] * len(layers) if isinstance(relu, bool) else list(relu)
     if len(targets) != len(layers):
         raise Ex2lError(f"targets: expected one per head ({len(layers)}), got {len(targets)}")
+    shapes = [reshape if reshape is not None else auto_reshape(forward_fn, layer) for layer in layers]
     tails = _structured_tails(forward_fn, layers, method)
     explicit = method != "autograd" and not any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
     with torch.enable_grad():
@@ -402,13 +473,17 @@ def head_cams(
         todo = [i for i, t in enumerate(targets) if t is not None]
         if probe is not None:  # 1. closed form where the pass proves pooling + linear after the CAM layer
             for i in list(todo):
-                cam = _closed_form_cam(probe, store[i], logits[i], targets[i], relus[i], create_graph)  # type: ignore[arg-type]
+                acts = store[i]
+                assert acts is not None
+                if shapes[i](acts) is not acts:  # a token or channels-last layer: no pooled map to prove
+                    continue
+                cam = _closed_form_cam(probe, acts, logits[i], targets[i], relus[i], create_graph, variant)  # type: ignore[arg-type]
                 if cam is not None:
                     cams[i] = cam
                     todo.remove(i)
         if todo and tails is not None:  # 2. a described tail, checked against the pass
             sub = [targets[i] if i in todo else None for i in range(len(layers))]
-            got = _structured_cams(tails, rec, probe, store, logits, sub, relus, create_graph)
+            got = _structured_cams(tails, rec, probe, store, logits, sub, relus, create_graph, variant)
             if got is not None:
                 for i in todo:
                     cams[i] = got[i]
@@ -423,7 +498,9 @@ def head_cams(
             # Keep the graph while another head still needs it, or when the caller will backpropagate.
             keep = create_graph if retain_graph is None else retain_graph
             retain = keep or j < len(todo) - 1
-            cams[i] = _head_cam(store[i], logits[i], targets[i], create_graph, retain, relus[i])  # type: ignore[arg-type]
+            cams[i] = _head_cam(
+                store[i], logits[i], targets[i], create_graph, retain, relus[i], variant, shapes[i]  # type: ignore[arg-type]
+            )
     acts = tuple(a for a in store if a is not None)
     return HeadCams(output=output, logits=logits, activations=acts, cams=tuple(cams))
 

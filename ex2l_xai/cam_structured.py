@@ -404,12 +404,15 @@ def tail_alphas(
     queries: Sequence[tuple[nn.Linear, Tensor]],
     *,
     create_graph: bool,
+    spatial_mean: bool = True,
 ) -> Tensor | None:
     """Grad-CAM weights ``alpha`` (n_queries, B, K) at ``activations`` for each (head, per-sample target) query.
 
     ``modules`` read ``activations`` and feed, after global average pooling, every query's head; all queries go
     through them in one batched pass. Returns ``None`` when the recorded forward pass does not match the walker's
-    expectations (the caller then uses autograd).
+    expectations (the caller then uses autograd). ``spatial_mean=False`` returns the whole gradient map
+    (n_queries, B, K, h, w) instead of its spatial mean (what the other CAM variants need; the last convolution
+    then computes the full map).
     """
     units = _units(modules)
     try:
@@ -422,10 +425,10 @@ def tail_alphas(
             rows = torch.stack([head.weight.index_select(0, t) for head, t in queries]) / (h * w)  # (n, B, D)
             g = rows[:, :, :, None, None].expand(-1, -1, -1, h, w)
             if not units:
-                return g.sum((3, 4)) / (h * w)
+                return g.sum((3, 4)) / (h * w) if spatial_mean else g
             cache: dict[int, tuple[Tensor, Tensor]] = {}
             for j, unit in enumerate(reversed(units)):
-                g = _unit_vjp(unit, g, rec, cache, summed=j == len(units) - 1)
-            return g / (activations.shape[2] * activations.shape[3])
+                g = _unit_vjp(unit, g, rec, cache, summed=spatial_mean and j == len(units) - 1)
+            return g / (activations.shape[2] * activations.shape[3]) if spatial_mean else g
     except _Unsupported:
         return None

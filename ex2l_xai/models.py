@@ -115,7 +115,8 @@ class TwoHeadNet(nn.Module):
 
     Parameters
     ----------
-    backbone : ``small_cnn``, ``resnet18``, ``resnet50`` or ``efficientnet_lite0`` (:mod:`ex2l_xai.backbones`).
+    backbone : ``small_cnn``, ``resnet18``, ``resnet50``, ``efficientnet_lite0`` or ``vit_tiny``
+        (:mod:`ex2l_xai.backbones`).
     n_labels, n_confounders : head sizes; ``n_confounders=0`` builds no confounder head.
     architecture : ``shared`` (both heads read one backbone) or ``dual`` (a backbone per head; a network without a
         confounder head has one backbone either way).
@@ -133,6 +134,7 @@ class TwoHeadNet(nn.Module):
         models one cache to compute each image's prefix once across them.
     init_from : a run folder, its ``best.pt``, or a TwoHeadNet state dict: weights to start from after
         ``pretrained`` (every label-branch key must be there; confounder-branch keys are taken where present).
+    image_size : the input size a ``vit_tiny`` backbone's position embeddings are made for (others ignore it).
     """
 
     def __init__(
@@ -149,6 +151,7 @@ class TwoHeadNet(nn.Module):
         cache_frozen: bool = False,
         init_from: str | None = None,
         prefix_cache: FrozenPrefixCache | None = None,
+        image_size: int = 224,
     ) -> None:
         super().__init__()
         if architecture not in ("shared", "dual"):
@@ -161,8 +164,10 @@ class TwoHeadNet(nn.Module):
         self.cam_layer_name = cam_layer
         self.freeze = freeze
         self.n_frozen = 0 if freeze == "none" else STAGES.index(freeze) + 1
-        self.backbone = build_backbone(backbone, pretrained, width)
-        self.conf_backbone = build_backbone(backbone, pretrained, width) if self.architecture == "dual" else None
+        self.backbone = build_backbone(backbone, pretrained, width, image_size)
+        self.conf_backbone = (
+            build_backbone(backbone, pretrained, width, image_size) if self.architecture == "dual" else None
+        )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.label_head = nn.Linear(self.backbone.out_dim, n_labels)
         self.conf_head = nn.Linear(self.backbone.out_dim, n_confounders) if n_confounders > 0 else None
@@ -293,6 +298,12 @@ class TwoHeadNet(nn.Module):
     def latent_dim(self) -> int:
         """Width of the pooled latent."""
         return self.backbone.out_dim
+
+    @property
+    def num_prefix_tokens(self) -> int | None:
+        """The class/register tokens of the backbone's token layers (a transformer backbone), else None: what the
+        CAM functions drop when a CAM layer outputs tokens (:mod:`ex2l_xai.cam_layers`)."""
+        return self.backbone.num_prefix_tokens
 
     def cam_layers(self) -> tuple[nn.Module, nn.Module]:
         """The CAM layer of the label head and of the confounder head (one module when shared)."""

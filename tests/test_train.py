@@ -19,7 +19,7 @@ from ex2l_xai.errors import TrainingError
 from ex2l_xai.train import RUN_FILES, evaluate, lr_factor, train
 
 TINY = [o for o in _TINY if o != "train.epochs=1"] + ["train.epochs=2"]
-M_KEYS = {"avg_acc", "mean_group_acc", "worst_group_acc", "per_group", "nll"}
+M_KEYS = {"avg_acc", "mean_group_acc", "worst_group_acc", "per_group", "nll", "worst_group_nll"}
 
 
 def tiny(*overrides: str) -> Config:
@@ -61,7 +61,7 @@ def test_run_folder_contract(tmp_path: Path) -> None:
         m = results[split]
         assert set(m) == M_KEYS
         assert all(0.0 <= m[k] <= 1.0 for k in ("avg_acc", "mean_group_acc", "worst_group_acc"))
-        assert all(set(v) == {"acc", "n"} and v["n"] > 0 for v in m["per_group"].values())
+        assert all(set(v) == {"acc", "n", "nll"} and v["n"] > 0 for v in m["per_group"].values())
     assert "bulldog/dirt" in results["val"]["per_group"]  # "<label>/<confounder>" names
     assert "zero_cam_share" in results
 

@@ -50,7 +50,7 @@ from torch.nn import functional as F
 
 from ex2l_xai.algorithms.base import Algorithm, TrainInfo, register
 from ex2l_xai.algorithms.erm import ERMParams, confounder_ce
-from ex2l_xai.cam import capture_activations, head_cams, upsample
+from ex2l_xai.cam import VARIANTS, capture_activations, head_cams, upsample
 from ex2l_xai.errors import ConfigError
 from ex2l_xai.models import TwoHeadNet
 from ex2l_xai.penalties import KINDS, NORMS, normalize, similarity
@@ -69,6 +69,7 @@ class Ex2lParams(ERMParams):
         "label_cam_target": ("true", "pred"),
         "label_cam_classes": ("target", "all"),
         "stop_grad": ("none", "confounder"),
+        "cam_variant": VARIANTS,
     }
 
     conf_weight: float = 1.0
@@ -83,6 +84,7 @@ class Ex2lParams(ERMParams):
     stop_grad: str = "none"
     anchor_weight: float = 0.0
     grad_at: str = "input"
+    cam_variant: str = "gradcam"
 
     def needs_confounder_head(self) -> bool:
         return True
@@ -233,7 +235,8 @@ class Ex2l(Algorithm):
         assert self.anchor is not None
         heads = len([c for c in cams if c is not None]) if self.anchor.conf_head is not None else 1
         ref = head_cams(
-            self.anchor, self.anchor.cam_layers()[:heads], x, targets[:heads], create_graph=False, relu=False
+            self.anchor, self.anchor.cam_layers()[:heads], x, targets[:heads], create_graph=False, relu=False,
+            variant=self.params.cam_variant,  # type: ignore[arg-type]
         )
         terms = []
         for cam, r in zip(cams[:heads], ref.cams, strict=True):
@@ -265,6 +268,7 @@ class Ex2l(Algorithm):
                 create_graph=(lam > 0 and not gradmask) or anchored,
                 retain_graph=True,
                 relu=False,
+                variant=p.cam_variant,  # type: ignore[arg-type]
             )
         out = res.output
         ce = F.cross_entropy(out.label, y)

@@ -125,6 +125,7 @@ def build_model(
     conf_head: int | None = None,
     initial_weights: bool = True,
     prefix_cache: FrozenPrefixCache | None = None,
+    image_size: int | None = None,
 ) -> TwoHeadNet:
     """The two-head network of ``config``, with a confounder head only if the algorithm needs one.
 
@@ -140,6 +141,8 @@ def build_model(
         prefix's cache (``model.cache_frozen``); False for a network whose weights are loaded next.
     prefix_cache : FrozenPrefixCache, optional
         The cache of the frozen prefix with ``model.cache_frozen`` (default: the model's own).
+    image_size : int, optional
+        The images' size: a ``vit_tiny``'s position embeddings are made for it (default 224).
     """
     head = conf_head if conf_head is not None else (n_confounders if config.params().needs_confounder_head() else 0)
     m = config.model
@@ -155,6 +158,7 @@ def build_model(
         cache_frozen=m.cache_frozen if initial_weights else False,
         init_from=m.init_from if initial_weights else None,
         prefix_cache=prefix_cache,
+        image_size=int(image_size) if image_size else 224,
     )
 
 
@@ -165,7 +169,8 @@ def build_run_algorithm(
     algorithm, on ``device``."""
     info = train_info(config, train_set)
     torch.manual_seed(config.seed)
-    model = build_model(config, train_set.n_labels, train_set.n_confounders, prefix_cache=prefix_cache)
+    model = build_model(config, train_set.n_labels, train_set.n_confounders, prefix_cache=prefix_cache,
+                        image_size=getattr(train_set, "image_size", None))
     return build_algorithm(config.algorithm_name, model, config.params(), info).to(device)
 
 

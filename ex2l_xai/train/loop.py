@@ -260,7 +260,8 @@ class _Run:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             model = build_model(self.config, train_set.n_labels, train_set.n_confounders,
-                                prefix_cache=self.algorithm.model.prefix_cache)
+                                prefix_cache=self.algorithm.model.prefix_cache,
+                                image_size=getattr(train_set, "image_size", None))
         return model.to(self.device)
 
     def _stage_context(self) -> StageContext:

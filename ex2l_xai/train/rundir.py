@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ex2l_xai.backbones import vit_image_size
 from ex2l_xai.config import Config, config_from_dict, config_to_dict, dump_config
 from ex2l_xai.errors import ConfigError, TrainingError
 from ex2l_xai.models import TwoHeadNet
@@ -87,7 +88,8 @@ class RunFolder(RunFiles):
         config = self.read_config()
         payload = self.load_best()
         model = build_model(config, payload["n_labels"], payload["n_confounders"],
-                            conf_head=payload["n_confounders"], initial_weights=False)
+                            conf_head=payload["n_confounders"], initial_weights=False,
+                            image_size=vit_image_size(payload["model"]))
         model.load_state_dict(payload.pop("model"))
         dev = resolve_device(device) if isinstance(device, str) else device
         return model.to(dev).eval(), config, payload
