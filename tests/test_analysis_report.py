@@ -15,8 +15,9 @@ import torch
 import torchvision
 from helpers import PNG, TINY, chromium, chromium_probe
 
-from analysis.audit import AuditTarget, jsonable, markdown_table, results_table
+from analysis.audit import AuditTarget, jsonable
 from analysis.report import FIGURES, audit
+from analysis.tables import markdown_table, results_table
 from ex2l_xai.config import load_config
 from ex2l_xai.data import get_dataset
 from ex2l_xai.errors import Ex2lError
