@@ -114,8 +114,10 @@ def _figures(checks: Sequence[Check], fc: FigureContext) -> dict[str, str]:
     figures: dict[str, str] = {}
     for check in checks:
         t = time.time()
-        figures.update(check.figures(fc))
-        fc.timings.setdefault(f"{check.name}_figures", time.time() - t)
+        drawn = check.figures(fc)
+        if drawn:
+            figures.update(drawn)
+            fc.timings[f"{check.name}_figures"] = time.time() - t
     return figures
 
 
