@@ -200,7 +200,7 @@ def _img(images: dict[str, bytes], key: str) -> str | None:
 
 # ---- sections ------------------------------------------------------------------------------------------------
 def _glance(runs: list[dict[str, Any]]) -> Table:
-    leak = [r["leakage"] for r in runs]
+    leak = [(r.get("leakage") or {}) for r in runs]
     cols = {
         "aa": ([r.get("avg_acc") for r in runs], True), "wga": ([r.get("worst_group_acc") for r in runs], True),
         "gap": ([(r.get("interventions") or {}).get("bg_gap") for r in runs], False),
@@ -346,7 +346,7 @@ def _latents(runs: list[dict[str, Any]]) -> Table:
 
 
 def _leakage(runs: list[dict[str, Any]]) -> Table:
-    leak = [r["leakage"] for r in runs]
+    leak = [(r.get("leakage") or {}) for r in runs]
     cp, wl, rw, ll, lp = ([x.get(k) for x in leak] for k in ("confounder_probe_acc", "within_label_acc",
                                                              "random_within_label_acc", "logit_leak",
                                                              "label_probe_acc"))
