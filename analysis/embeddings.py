@@ -1,7 +1,8 @@
 """2-D embeddings of latents (UMAP, seeded) and the paper's Figs. 2-3: panels coloured by label, confounder and
 environment, one row per model, each row titled with its MMD across environments.
 
-UMAP (umap-learn) is imported lazily: its first import compiles with numba (10-20 s). :func:`embed` raises a
+UMAP (umap-learn) is imported lazily: its first use compiles with numba (10-20 s; :func:`exact_knn` saves the
+nearest-neighbour search's share of it). :func:`embed` raises a
 clear :class:`~ex2l_xai.errors.Ex2lError` when UMAP cannot embed the data (e.g. too few samples); it never
 switches method silently. ``method="pca"`` is available explicitly, and every figure names the method used.
 """
@@ -21,13 +22,14 @@ from ex2l_xai.errors import Ex2lError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["COLOUR_BY", "MIN_SAMPLES", "embed", "embedding_figure"]
+__all__ = ["COLOUR_BY", "MIN_SAMPLES", "embed", "embedding_figure", "exact_knn"]
 
 COLOUR_BY = ("label", "confounder", "env")
 #: UMAP needs a neighbourhood graph: fewer samples than this are refused with an error.
 MIN_SAMPLES = 10
 _PALETTES = {"label": "Set2", "confounder": "tab10", "env": "colorblind"}
 _TITLES = {"label": "coloured by label", "confounder": "coloured by confounder", "env": "coloured by environment"}
+_WORDS = {"label": "label", "confounder": "confounder", "env": "environment"}
 
 
 def embed(
@@ -83,13 +85,15 @@ def embed(
         import umap
     except ImportError as exc:  # pragma: no cover - a dependency
         raise Ex2lError(f"embed: umap-learn is not installed ({exc}); pip install umap-learn") from exc
+    k = max(2, min(n_neighbors, n - 1))
     reducer = umap.UMAP(
         n_components=2,
-        n_neighbors=max(2, min(n_neighbors, n - 1)),
+        n_neighbors=k,
         min_dist=min_dist,
         n_epochs=n_epochs,
         random_state=seed,
         init="spectral" if n > 50 else "random",
+        precomputed_knn=exact_knn(z, k),
     )
     try:
         with warnings.catch_warnings():
@@ -101,6 +105,25 @@ def embed(
             "try more samples, a smaller n_neighbors, or method='pca'"
         ) from exc
     return np.asarray(out, dtype=np.float32)
+
+
+def exact_knn(z: np.ndarray, k: int) -> tuple[Any, ...]:
+    """The k nearest neighbours UMAP's small-data path (< 4096 samples) computes, computed the same way without
+    its numba-parallel argsort (whose compilation costs a few seconds in every new process): the distances of the
+    float32 data with UMAP's own euclidean (as UMAP passes it to scikit-learn), each row sorted stably (as UMAP's
+    mergesort). Gives UMAP's embedding bit for bit (tests/test_analysis_extract.py). ``(None, None, None)``, i.e.
+    UMAP's own path, for 4096 samples or more and for data with duplicate rows (tied neighbours: UMAP's own
+    path stays the reference there)."""
+    n = z.shape[0]
+    x = np.ascontiguousarray(z, dtype=np.float32)
+    if n >= 4096 or np.unique(x, axis=0).shape[0] < n:
+        return None, None, None
+    from sklearn.metrics import pairwise_distances
+    from umap.distances import euclidean
+
+    d = pairwise_distances(x, metric=euclidean)
+    idx = np.argsort(d, axis=1, kind="stable")[:, :k].astype(np.int32)
+    return idx, d[np.arange(n)[:, None], idx].copy()
 
 
 def _values(e: Extraction, by: str) -> tuple[np.ndarray, list[str]]:
@@ -135,9 +158,6 @@ def embedding_figure(
     default to :func:`embed` of each extraction's latents (``method``, ``seed``, ``n_epochs``,
     ``n_neighbors``). Legends carry the names. Saves a PNG when ``out`` is given; returns the figure.
     """
-    import seaborn as sns
-    from matplotlib.lines import Line2D
-
     from analysis.plotting import new_figure, save_figure
 
     if not extractions:
@@ -160,26 +180,13 @@ def embedding_figure(
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
     label = "UMAP" if method == "umap" else "PCA"
     for m, (e, emb) in enumerate(zip(extractions, embeddings, strict=True)):
-        n = emb.shape[0]
-        s = point_size or float(np.clip(2400 / max(n, 1), 3, 30))
         row_title = e.name
         if mmd is not None:
             v = mmd[m]
             row_title += f"   MMD$_{{env}}$ = {v:.4f}" if v is not None else "   MMD$_{env}$ = n/a"
         for j, by in enumerate(colour_by):
             ax = axes[0, m] if side_by_side else axes[m, j]
-            vals, names = _values(e, by)
-            present = np.unique(vals)
-            palette = sns.color_palette(_PALETTES[by], n_colors=max(len(names), 1))
-            order = np.random.default_rng(seed).permutation(n)  # no class drawn entirely on top
-            colours = np.asarray([palette[int(v) % len(palette)] for v in vals[order]])
-            ax.scatter(emb[order, 0], emb[order, 1], c=colours, s=s, linewidths=0, alpha=0.8, rasterized=True)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for sp in ("top", "right"):
-                ax.spines[sp].set_visible(False)
-            ax.set_xlabel(f"{label} 1", fontsize=8)
-            ax.set_ylabel(f"{label} 2", fontsize=8)
+            palette = _panel(ax, e, emb, by, label, seed, point_size)
             if side_by_side:
                 ax.set_title(row_title, fontsize=10, fontweight="bold")
             elif m == 0:
@@ -189,19 +196,9 @@ def embedding_figure(
                     row_title, xy=(0, 0.5), xytext=(-28, 0), xycoords="axes fraction", textcoords="offset points",
                     rotation=90, ha="right", va="center", fontsize=10, fontweight="bold",
                 )
-            last = (m == n_models - 1) if side_by_side else (m == 0)
-            if last:
-                handles = [
-                    Line2D([], [], marker="o", linestyle="", markersize=6, color=palette[int(v) % len(palette)],
-                           label=names[int(v)] if int(v) < len(names) else str(int(v)))
-                    for v in present
-                ]
-                legend_title = {"label": "label", "confounder": "confounder", "env": "environment"}[by]
-                ax.legend(
-                    handles=handles, title=legend_title, fontsize=7, title_fontsize=8, frameon=False,
-                    loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
-                )
-    words = [{"label": "label", "confounder": "confounder", "env": "environment"}[b] for b in colour_by]
+            if (m == n_models - 1) if side_by_side else (m == 0):
+                _legend(ax, e, by, palette)
+    words = [_WORDS[b] for b in colour_by]
     what = " and by ".join(words) if len(words) == 2 else ", ".join(words)
     head = title or f"{label} of the latents, coloured by {what}"
     if mmd is not None:
@@ -210,3 +207,39 @@ def embedding_figure(
     if out is not None:
         save_figure(fig, out, dpi)
     return fig
+
+
+def _panel(ax: Any, e: Extraction, emb: np.ndarray, by: str, label: str, seed: int, point_size: float | None
+           ) -> list[Any]:
+    """One scatter panel of ``emb`` coloured by ``by`` (a seeded drawing order: no class drawn entirely on top);
+    returns the palette."""
+    import seaborn as sns
+
+    n = emb.shape[0]
+    s = point_size or float(np.clip(2400 / max(n, 1), 3, 30))
+    vals, names = _values(e, by)
+    palette = sns.color_palette(_PALETTES[by], n_colors=max(len(names), 1))
+    order = np.random.default_rng(seed).permutation(n)
+    colours = np.asarray([palette[int(v) % len(palette)] for v in vals[order]])
+    ax.scatter(emb[order, 0], emb[order, 1], c=colours, s=s, linewidths=0, alpha=0.8, rasterized=True)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for sp in ("top", "right"):
+        ax.spines[sp].set_visible(False)
+    ax.set_xlabel(f"{label} 1", fontsize=8)
+    ax.set_ylabel(f"{label} 2", fontsize=8)
+    return palette
+
+
+def _legend(ax: Any, e: Extraction, by: str, palette: list[Any]) -> None:
+    """The legend of ``by``'s values present in ``e``, outside the panel on the right."""
+    from matplotlib.lines import Line2D
+
+    vals, names = _values(e, by)
+    handles = [
+        Line2D([], [], marker="o", linestyle="", markersize=6, color=palette[int(v) % len(palette)],
+               label=names[int(v)] if int(v) < len(names) else str(int(v)))
+        for v in np.unique(vals)
+    ]
+    ax.legend(handles=handles, title=_WORDS[by], fontsize=7, title_fontsize=8, frameon=False,
+              loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)

@@ -13,9 +13,9 @@ gradient of the same graph) the label CAM at the prediction ``ŷ``. CAMs are kep
 upsample them with :func:`ex2l_xai.cam.upsample` for display. A TorchScript model (hooks do not run inside it) gets
 its CAM layer's output from its own graph (:class:`analysis.scripted.ScriptedClassifier`).
 
-:func:`extract` does four things, one function each: resolve the model and its dataset (``_resolve_model``), its
-CAM layer(s) (``_resolve_layers``) and its latent (``_Latent``), run the batches (``_run``), assemble the arrays
-(``_assemble``).
+:func:`extract` resolves the model once into a :class:`~analysis.adapter.ModelAdapter` (its CAM layer(s), its latent,
+how one batch is computed), runs the batches (``_run``) and assembles the arrays (``_assemble``); it also takes an
+adapter as given.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,25 +31,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
+from analysis.adapter import PRETTY, LatentSpec, ModelAdapter
 from analysis.datasets import as_audit_dataset
-from analysis.modules import (
-    as_logits,
-    find_cam_layer,
-    module_path,
-    prepare_input,
-    random_copy,
-    resolve_module,
-    scripted_of,
-    unwrap,
-)
-from ex2l_xai.cam import cam_from_activations, head_cams
+from analysis.modules import find_cam_layer, random_copy  # re-exported (public names of this module)
 from ex2l_xai.errors import Ex2lError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Extraction", "extract", "find_cam_layer", "random_copy", "subsample_indices"]
-
-LatentSpec = Callable[[Tensor], Tensor] | nn.Module | str | None
+__all__ = ["PRETTY", "Extraction", "extract", "find_cam_layer", "random_copy", "subsample_indices"]
 
 
 @dataclass
@@ -189,220 +177,47 @@ def subsample_indices(dataset: Any, max_samples: int | None, seed: int = 0) -> n
     return np.sort(order[:max_samples])
 
 
-# ---- resolving the model, its layers and its latent -----------------------------------------------------------
-@dataclass
-class _Source:
-    """What :func:`extract` audits: the model, the dataset (dict samples), the display name and provenance."""
-
-    model: nn.Module
-    dataset: Any
-    name: str
-    meta: dict[str, Any]
-    device: torch.device
-
-
-def _resolve_model(model_or_run: Any, dataset: Any, device: Any, name: str | None, confounders: Any, envs: Any
-                   ) -> _Source:
-    """Load a run folder's selected model and dataset split, or take a module and its dataset as given."""
+# ---- resolving the model and its dataset ----------------------------------------------------------------------
+def _adapter_and_dataset(model_or_run: Any, dataset: Any, *, device: Any, name: str | None, layer: Any,
+                         forward_fn: Any, latent_fn: LatentSpec, confounders: Any, envs: Any
+                         ) -> tuple[ModelAdapter, Any, dict[str, Any]]:
+    """The model's :class:`~analysis.adapter.ModelAdapter` (a run folder's selected model, a module, or an adapter
+    as given) and the dataset in dict samples (a split name: of the run's own dataset)."""
     meta: dict[str, Any] = {}
-    if isinstance(model_or_run, (str, os.PathLike)):
-        from ex2l_xai.train import dataset_kwargs, load_run_model
-
-        run = Path(model_or_run)
-        model, config = load_run_model(run, device or "cpu")
-        if dataset is None or isinstance(dataset, str):
-            split = dataset or "test"
-            from ex2l_xai.data import get_dataset
-
-            dataset = get_dataset(config.data.name, split, **dataset_kwargs(config))
-            meta["split"] = split
-        meta.update(run=str(run), algorithm=config.algorithm_name, dataset=config.data.name)
-        name = name or _pretty(config.algorithm_name)
+    if isinstance(model_or_run, ModelAdapter):
+        adapter = model_or_run
+    elif isinstance(model_or_run, (str, os.PathLike)):
+        adapter = ModelAdapter.from_run(model_or_run, device, name, layer=layer, forward_fn=forward_fn,
+                                        latent_fn=latent_fn)
     elif isinstance(model_or_run, nn.Module):
-        model = model_or_run
-        if isinstance(dataset, str) or dataset is None:
-            raise Ex2lError(f"dataset: a model needs a dataset object, got {dataset!r} (a split name needs a run folder)")
-        if isinstance(model, torch.jit.ScriptModule):
-            from analysis.scripted import ScriptedClassifier
-
-            model = ScriptedClassifier(model)
-        if device is not None:
-            model.to(device)
-        name = name or type(unwrap(model)).__name__
+        adapter = ModelAdapter(model_or_run, name=name, layer=layer, forward_fn=forward_fn, latent_fn=latent_fn,
+                               device=device)
     else:
         raise Ex2lError(
             f"model_or_run: expected a run folder or a torch.nn.Module, got {type(model_or_run).__name__}"
         )
-    dataset = as_audit_dataset(dataset, confounders=confounders, envs=envs)
-    dev = next((p.device for p in model.parameters()), torch.device(device or "cpu"))
-    return _Source(model, dataset, name, meta, dev)
+    if adapter.config is not None:
+        if dataset is None or isinstance(dataset, str):
+            from ex2l_xai.data import get_dataset
+            from ex2l_xai.train import dataset_kwargs
 
-
-@dataclass
-class _Layers:
-    """The CAM layers: the label head's, the confounder head's (two-head models), and the TorchScript path."""
-
-    label: nn.Module
-    conf: nn.Module
-    two_head: bool
-    path: str
-    scripted: Any = None
-
-
-def _resolve_layers(src: _Source, layer: nn.Module | str | None, forward_fn: Any, first: Tensor) -> _Layers:
-    """The CAM layer(s): a TwoHeadNet's own, the given module or path, else :func:`find_cam_layer` on ``first``
-    (an example batch)."""
-    from ex2l_xai.models import TwoHeadNet
-
-    model = src.model
-    two_head = isinstance(model, TwoHeadNet) and model.conf_head is not None and layer is None
-    if isinstance(model, TwoHeadNet) and layer is None:
-        label_layer, conf_layer = model.cam_layers()
-    else:
-        if layer is not None:
-            label_layer = resolve_module(model, layer, "layer")
-        elif forward_fn is None:
-            label_layer = find_cam_layer(model, first)
-        else:
-            label_layer = find_cam_layer(model)
-        conf_layer = label_layer
-    path = module_path(model, label_layer)
-    scripted = scripted_of(model)
-    if scripted is not None and forward_fn is not None:
-        raise Ex2lError("forward_fn: not supported for a TorchScript model (its CAMs come from its own graph)")
-    return _Layers(label_layer, conf_layer, two_head, path, scripted)
-
-
-class _Latent:
-    """Where the pooled latent comes from (see ``latent_fn`` of :func:`extract`) and how to read it per batch."""
-
-    def __init__(self, src: _Source, latent_fn: LatentSpec, forward_fn: Any, layers: _Layers) -> None:
-        from ex2l_xai.models import TwoHeadNet
-
-        model = src.model
-        self.pre_hooked: nn.Module | None = None
-        self.call: Callable[[Tensor], Tensor] | None = None
-        self.pool = False
-        if layers.scripted is not None and latent_fn not in (None, "pool"):
-            raise Ex2lError("latent_fn: a TorchScript model's latent is the global average pool of its CAM layer "
-                            "(latent_fn=None or 'pool')")
-        if latent_fn is None:
-            if layers.scripted is not None:
-                self.pool = True
-            elif not (isinstance(model, TwoHeadNet) and forward_fn is None):
-                self.pre_hooked = model.label_head if isinstance(model, TwoHeadNet) else _last_linear(model)
-                self.pool = self.pre_hooked is None
-        elif isinstance(latent_fn, str) and latent_fn == "pool":
-            self.pool = True
-        elif isinstance(latent_fn, (nn.Module, str)):
-            self.pre_hooked = resolve_module(model, latent_fn, "latent_fn")
-        elif callable(latent_fn):
-            self.call = latent_fn
-        else:
-            raise Ex2lError(
-                f"latent_fn: expected None, 'pool', a module, a module path or a callable, got {latent_fn!r}")
-        if self.pool:
-            self.description = f"global average pool of {layers.path}"
-        elif self.pre_hooked is not None:
-            self.description = f"input of {module_path(model, self.pre_hooked)}"
-        else:
-            self.description = "latent_fn" if self.call is not None else "TwoHeadOutput.latent"
-        self.layer = layers.label
-        self.captured: dict[str, Tensor] = {}
-
-    def hooks(self) -> list[Any]:
-        """Register the hooks the latent needs (the caller removes them)."""
-        handles = []
-        if self.pre_hooked is not None:
-            def pre_hook(_m: nn.Module, inputs: tuple[Any, ...]) -> None:
-                self.captured["z"] = inputs[0]
-
-            handles.append(self.pre_hooked.register_forward_pre_hook(pre_hook))
-        if self.pool and not isinstance(self.layer, torch.jit.ScriptModule):
-            def act_hook(_m: nn.Module, _i: Any, output: Tensor) -> None:
-                self.captured["a"] = output
-
-            handles.append(self.layer.register_forward_hook(act_hook))
-        return handles
-
-    def read(self, out: Any, x: Tensor, activation: Tensor | None = None) -> Tensor:
-        """The (B, D) latent of the batch ``x`` whose model output is ``out``."""
-        if self.pre_hooked is not None:
-            return self.captured["z"].flatten(1)
-        if self.pool:
-            a = activation if activation is not None else self.captured["a"]
-            return a.mean(dim=tuple(range(2, a.dim())))
-        if self.call is not None:
-            with torch.no_grad():
-                return self.call(x).flatten(1)
-        z = getattr(out, "latent", None)
-        if not isinstance(z, Tensor):
-            raise Ex2lError("latent_fn: the model output has no .latent; pass latent_fn= (a module or 'pool')")
-        return z
-
-
-def _last_linear(model: nn.Module) -> nn.Linear | None:
-    linears = [m for m in unwrap(model).modules() if isinstance(m, nn.Linear)]
-    return linears[-1] if linears else None
+            split = dataset or "test"
+            dataset = get_dataset(adapter.config.data.name, split, **dataset_kwargs(adapter.config))
+            meta["split"] = split
+        if adapter.run is not None:
+            meta.update(run=str(adapter.run), algorithm=adapter.config.algorithm_name,
+                        dataset=adapter.config.data.name)
+    elif isinstance(dataset, str) or dataset is None:
+        raise Ex2lError(f"dataset: a model needs a dataset object, got {dataset!r} (a split name needs a run folder)")
+    return adapter, as_audit_dataset(dataset, confounders=confounders, envs=envs), meta
 
 
 # ---- the pass ------------------------------------------------------------------------------------------------
-class _Forward:
-    """Wrap a model as ``forward_fn`` for ``head_cams``: returns (label, conf?, label, latent) in that order."""
-
-    def __init__(self, fn: Callable[[Tensor], Any], two_head: bool, latent: _Latent):
-        self.fn, self.two_head, self.latent = fn, two_head, latent
-
-    def __call__(self, x: Tensor) -> tuple[Tensor, ...]:
-        out = self.fn(x)
-        label = as_logits(out)
-        z = self.latent.read(out, x)
-        if self.two_head:
-            return label, out.confounder, label, z
-        return label, label, z
-
-
-def _batch_outputs(src: _Source, layers: _Layers, latent: _Latent, fwd: _Forward, x: Tensor,
-                   batch: dict[str, Any], cams: bool) -> dict[str, Tensor | None]:
-    """One batch: logits (and confounder logits), latent, and with ``cams`` the label CAMs at y and at ŷ (and the
-    confounder CAM at c)."""
-    y = batch["label"].to(x.device)
-    res: dict[str, Tensor | None] = {}
-    if layers.scripted is not None:  # TorchScript: the activation comes out of the graph itself
-        xin = prepare_input(src.model, x)
-        with torch.set_grad_enabled(cams):
-            out, act = layers.scripted.with_activation(xin.requires_grad_(cams), layers.path)
-            logits = as_logits(out)
-            if cams:
-                res["cams_true"] = cam_from_activations(act, logits, y, retain_graph=True)
-                res["cams_pred"] = cam_from_activations(act, logits, logits.detach().argmax(1), retain_graph=False)
-        res["logits"] = logits
-        res["latents"] = latent.read(out, x, act)
-        return res
-    if cams:
-        layer_list = [layers.label, layers.conf, layers.label] if layers.two_head else [layers.label, layers.label]
-        targets: list[Any] = [y, batch["confounder"].to(x.device), "pred"] if layers.two_head else [y, "pred"]
-        hc = head_cams(fwd, layer_list, x, targets, create_graph=False, retain_graph=False)
-        out = hc.output
-        res["cams_true"], res["cams_pred"] = hc.cams[0], hc.cams[-1]
-        if layers.two_head:
-            res["cams_conf"] = hc.cams[1]
-    else:
-        with torch.no_grad():
-            out = fwd(x)
-    res["logits"] = out[0]
-    if layers.two_head:
-        res["conf_logits"] = out[1]
-    res["latents"] = out[-1]
-    return res
-
-
-def _run(src: _Source, layers: _Layers, latent: _Latent, forward_fn: Any, idx: np.ndarray, *, cams: bool,
-         batch_size: int, channels_last: bool | None) -> tuple[dict[str, list[np.ndarray]], tuple[int, int]]:
+def _run(adapter: ModelAdapter, dataset: Any, idx: np.ndarray, *, cams: bool, batch_size: int,
+         channels_last: bool | None) -> tuple[dict[str, list[np.ndarray]], tuple[int, int]]:
     """The loop over batches of ``dataset[idx]`` in eval mode (the model's mode is restored, hooks removed)."""
-    model, dev = src.model, src.device
-    loader = DataLoader(Subset(src.dataset, idx.tolist()), batch_size=batch_size, shuffle=False, num_workers=0)
-    fwd = _Forward(forward_fn or model, layers.two_head, latent)
+    model, dev = adapter.model, adapter.device
+    loader = DataLoader(Subset(dataset, idx.tolist()), batch_size=batch_size, shuffle=False, num_workers=0)
     parts: dict[str, list[np.ndarray]] = {}
 
     def put(key: str, value: Tensor | np.ndarray | None) -> None:
@@ -411,7 +226,7 @@ def _run(src: _Source, layers: _Layers, latent: _Latent, forward_fn: Any, idx: n
         arr = value.detach().cpu().numpy() if isinstance(value, Tensor) else np.asarray(value)
         parts.setdefault(key, []).append(arr)
 
-    handles = latent.hooks() if layers.scripted is None else []
+    handles = adapter.hooks()
     use_cl = dev.type == "cpu" if channels_last is None else channels_last
     was_training = model.training
     model.eval()
@@ -422,7 +237,8 @@ def _run(src: _Source, layers: _Layers, latent: _Latent, forward_fn: Any, idx: n
             if use_cl and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             image_size = (int(x.shape[-2]), int(x.shape[-1]))
-            for key, value in _batch_outputs(src, layers, latent, fwd, x, batch, cams).items():
+            y, c = batch["label"].to(dev), batch["confounder"].to(dev)
+            for key, value in adapter.batch(x, y, c, cams).items():
                 put(key, value)
             for key, field_name in (("labels", "label"), ("confounders", "confounder"), ("envs", "env"),
                                     ("indices", "index")):
@@ -436,7 +252,8 @@ def _run(src: _Source, layers: _Layers, latent: _Latent, forward_fn: Any, idx: n
     return parts, image_size
 
 
-def _assemble(parts: dict[str, list[np.ndarray]], src: _Source, image_size: tuple[int, int]) -> Extraction:
+def _assemble(parts: dict[str, list[np.ndarray]], dataset: Any, name: str, meta: dict[str, Any],
+              image_size: tuple[int, int]) -> Extraction:
     """Concatenate the per-batch arrays into an :class:`Extraction` with the dataset's names."""
 
     def cat(key: str, dtype: Any = None) -> np.ndarray | None:
@@ -448,7 +265,7 @@ def _assemble(parts: dict[str, list[np.ndarray]], src: _Source, image_size: tupl
     logits, labels = cat("logits", np.float32), cat("labels", np.int64)
     confs, envs = cat("confounders", np.int64), cat("envs", np.int64)
     assert logits is not None and labels is not None and confs is not None and envs is not None
-    ds = src.dataset
+    ds = dataset
     return Extraction(
         latents=cat("latents", np.float32),  # type: ignore[arg-type]
         logits=logits,
@@ -465,14 +282,14 @@ def _assemble(parts: dict[str, list[np.ndarray]], src: _Source, image_size: tupl
         label_names=_names(ds, "label_names", labels),
         confounder_names=_names(ds, "confounder_names", confs),
         env_names=_names(ds, "env_names", envs),
-        name=src.name,
+        name=name,
         image_size=image_size,
-        meta=src.meta,
+        meta=meta,
     )
 
 
 def extract(
-    model_or_run: nn.Module | str | os.PathLike[str],
+    model_or_run: ModelAdapter | nn.Module | str | os.PathLike[str],
     dataset: Any = "test",
     *,
     layer: nn.Module | str | None = None,
@@ -493,7 +310,8 @@ def extract(
 
     Parameters
     ----------
-    model_or_run : a run folder (its ``best.pt`` is loaded) or a torch classifier (an
+    model_or_run : a run folder (its ``best.pt`` is loaded), a :class:`~analysis.adapter.ModelAdapter` (``layer``,
+        ``forward_fn``, ``latent_fn``, ``device`` and ``name`` are then the adapter's), or a torch classifier (an
         :class:`~ex2l_xai.models.TwoHeadNet`, any module whose output is label logits, a TorchScript module, or one
         wrapped in :class:`analysis.loading.Normalized`).
     dataset : a dataset with docs/architecture.md's dict samples, or any ``(image, label)`` dataset with ``confounders=``;
@@ -525,25 +343,18 @@ def extract(
     import time
 
     t0 = time.time()
-    src = _resolve_model(model_or_run, dataset, device, name, confounders, envs)
+    adapter, ds, meta = _adapter_and_dataset(model_or_run, dataset, device=device, name=name, layer=layer,
+                                             forward_fn=forward_fn, latent_fn=latent_fn, confounders=confounders,
+                                             envs=envs)
     idx = (np.asarray(indices, dtype=np.int64) if indices is not None
-           else subsample_indices(src.dataset, max_samples, seed))
+           else subsample_indices(ds, max_samples, seed))
     if idx.size == 0:
         raise Ex2lError("extract: no samples to extract (empty dataset or indices)")
-    first = torch.stack([src.dataset[int(i)]["image"] for i in idx[:2]]).to(src.device)
-    layers = _resolve_layers(src, layer, forward_fn, first)
-    latent = _Latent(src, latent_fn, forward_fn, layers)
-    src.meta.update(layer=layers.path, latent=latent.description)
-    parts, image_size = _run(src, layers, latent, forward_fn, idx, cams=cams, batch_size=batch_size,
-                             channels_last=channels_last)
-    src.meta.update(seconds=time.time() - t0, n_samples=int(sum(len(p) for p in parts["labels"])),
-                    n_dataset=int(len(src.dataset)))
-    log.debug("extract %s: %d samples in %.1f s", src.name, src.meta["n_samples"], src.meta["seconds"])
-    return _assemble(parts, src, image_size)
-
-
-PRETTY = {"erm": "ERM", "groupdro": "GroupDRO", "ex2l": "eX2L", "irm": "IRM", "jtt": "JTT", "dfr": "DFR"}
-
-
-def _pretty(algorithm: str) -> str:
-    return PRETTY.get(algorithm.lower(), algorithm)
+    adapter.bind(torch.stack([ds[int(i)]["image"] for i in idx[:2]]).to(adapter.device))
+    meta.update(layer=adapter.layer_path, latent=adapter.latent.description)
+    parts, image_size = _run(adapter, ds, idx, cams=cams, batch_size=batch_size, channels_last=channels_last)
+    meta.update(seconds=time.time() - t0, n_samples=int(sum(len(p) for p in parts["labels"])),
+                n_dataset=int(len(ds)))
+    label = name or adapter.name
+    log.debug("extract %s: %d samples in %.1f s", label, meta["n_samples"], meta["seconds"])
+    return _assemble(parts, ds, label, meta, image_size)

@@ -16,7 +16,7 @@ from typing import Any
 
 from markupsafe import Markup, escape
 
-__all__ = ["GLOSSARY", "render_html"]
+__all__ = ["GLOSSARY", "Cell", "Table", "cell", "name_cell", "plain_th", "render_html", "th"]
 
 GLOSSARY: dict[str, tuple[str, str]] = {
     "avg_acc": ("Average accuracy", "The share of the split's images classified correctly."),
@@ -200,7 +200,7 @@ def _img(images: dict[str, bytes], key: str) -> str | None:
 
 # ---- sections ------------------------------------------------------------------------------------------------
 def _glance(runs: list[dict[str, Any]]) -> Table:
-    leak = [r["leakage"] for r in runs]
+    leak = [(r.get("leakage") or {}) for r in runs]
     cols = {
         "aa": ([r.get("avg_acc") for r in runs], True), "wga": ([r.get("worst_group_acc") for r in runs], True),
         "gap": ([(r.get("interventions") or {}).get("bg_gap") for r in runs], False),
@@ -346,7 +346,7 @@ def _latents(runs: list[dict[str, Any]]) -> Table:
 
 
 def _leakage(runs: list[dict[str, Any]]) -> Table:
-    leak = [r["leakage"] for r in runs]
+    leak = [(r.get("leakage") or {}) for r in runs]
     cp, wl, rw, ll, lp = ([x.get(k) for x in leak] for k in ("confounder_probe_acc", "within_label_acc",
                                                              "random_within_label_acc", "logit_leak",
                                                              "label_probe_acc"))
@@ -407,8 +407,10 @@ def _reproduce(data: dict[str, Any]) -> str | None:
             + (f" --max-samples {data['max_samples']}" if data.get("max_samples") else "") + f" --seed {data['seed']}")
 
 
-def render_html(data: dict[str, Any], images: dict[str, bytes]) -> str:
-    """The self-contained ``report.html`` of an ``audit.json`` dict and its figures (PNG bytes by figure key)."""
+def render_html(data: dict[str, Any], images: dict[str, bytes], sections: Sequence[Any] = ()) -> str:
+    """The self-contained ``report.html`` of an ``audit.json`` dict and its figures (PNG bytes by figure key);
+    ``sections``: the :class:`~analysis.checks.ReportSection` of checks that draw their own, after the built-in
+    sections."""
     from importlib.resources import files
 
     import jinja2
@@ -440,7 +442,7 @@ def render_html(data: dict[str, Any], images: dict[str, bytes]) -> str:
         "embedding_note": (data.get("settings") or {}).get("embedding_note"),
         "img": {k: _img(images, k) for k in images}, "glossary": {k: (Markup(a), Markup(b))
                                                                    for k, (a, b) in GLOSSARY.items()},
-        "reproduce": _reproduce(data),
+        "reproduce": _reproduce(data), "sections": list(sections),
     }
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(files("analysis").joinpath("templates"))),
                              autoescape=True, trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)

@@ -297,24 +297,7 @@ def interventions(
            else subsample_indices(dataset, max_samples, seed))
     if idx.size < 2:
         raise Ex2lError(f"interventions: need at least 2 samples, got {idx.size}")
-    n_labels = len(getattr(dataset, "label_names", []) or []) or None
-    n_conf = len(getattr(dataset, "confounder_names", []) or []) or None
-    labels_all, confs_all = getattr(dataset, "labels", None), getattr(dataset, "confounders", None)
-    if n_labels is None or n_conf is None:
-        if labels_all is None or confs_all is None:
-            raise Ex2lError("interventions: the dataset needs label_names and confounder_names (or labels and "
-                            "confounders arrays)")
-        n_labels, n_conf = int(np.max(labels_all)) + 1, int(np.max(confs_all)) + 1
-    prior_source = "given"
-    if prior is None:
-        if labels_all is None or confs_all is None:
-            raise Ex2lError("interventions: pass prior= (P(background | label)); the dataset has no labels and "
-                            "confounders arrays to take it from")
-        prior = background_prior(labels_all, confs_all, n_labels, n_conf)
-        prior_source = "the audited data"
-    prior = np.asarray(prior, dtype=np.float64)
-    if prior.shape != (n_labels, n_conf):
-        raise Ex2lError(f"prior: expected shape ({n_labels}, {n_conf}) (labels x confounders), got {prior.shape}")
+    prior, prior_source = _resolve_prior(dataset, prior)
     dev = torch.device(device) if device is not None else next(
         (p.device for p in model.parameters()), torch.device("cpu"))
     predict = _Predictor(model, forward_fn, dev, batch_size, dataset)
@@ -327,17 +310,46 @@ def interventions(
             res = _composite(dataset, idx, prior, predict, n_examples, seed)
     finally:
         model.train(was_training)
-    s = res.summary
+    res.summary = _summary(res.summary, dataset, prior, method="exact" if use_exact else "composite", n=int(idx.size),
+                           prior_source=prior_source, n_forward=predict.n_images, seconds=time.time() - t0)
+    return res
+
+
+def _resolve_prior(dataset: Any, prior: np.ndarray | None) -> tuple[np.ndarray, str]:
+    """P(background | label) as given (checked against the dataset's label and confounder counts), else the
+    co-occurrence in ``dataset``; and where it came from."""
+    n_labels = len(getattr(dataset, "label_names", []) or []) or None
+    n_conf = len(getattr(dataset, "confounder_names", []) or []) or None
+    labels_all, confs_all = getattr(dataset, "labels", None), getattr(dataset, "confounders", None)
+    if n_labels is None or n_conf is None:
+        if labels_all is None or confs_all is None:
+            raise Ex2lError("interventions: the dataset needs label_names and confounder_names (or labels and "
+                            "confounders arrays)")
+        n_labels, n_conf = int(np.max(labels_all)) + 1, int(np.max(confs_all)) + 1
+    source = "given"
+    if prior is None:
+        if labels_all is None or confs_all is None:
+            raise Ex2lError("interventions: pass prior= (P(background | label)); the dataset has no labels and "
+                            "confounders arrays to take it from")
+        prior = background_prior(labels_all, confs_all, n_labels, n_conf)
+        source = "the audited data"
+    prior = np.asarray(prior, dtype=np.float64)
+    if prior.shape != (n_labels, n_conf):
+        raise Ex2lError(f"prior: expected shape ({n_labels}, {n_conf}) (labels x confounders), got {prior.shape}")
+    return prior, source
+
+
+def _summary(s: dict[str, Any], dataset: Any, prior: np.ndarray, **extra: Any) -> dict[str, Any]:
+    """The JSON-ready summary in its documented key order: the accuracies, ``bg_gap``, ``flip_rate``, where the
+    prior came from, each class's own backgrounds, the cost."""
     s["bg_gap"] = s["mixed_same_acc"] - s["mixed_rand_acc"]
-    s.update(available=True, method="exact" if use_exact else "composite", n=int(idx.size),
-             prior_source=prior_source, n_forward=predict.n_images, seconds=time.time() - t0,
+    s.update(available=True, **extra,
              same_backgrounds={dataset.label_names[y] if hasattr(dataset, "label_names") else str(y):
                                {str(_name(dataset, b)): float(prior[y, b]) for b in np.flatnonzero(prior[y] > 0)}
-                               for y in range(n_labels)})
-    res.summary = {k: s[k] for k in ("available", "method", "n", *(f"{v}_acc" for v in VARIANTS), "bg_gap",
-                                     "flip_rate", "prior_source", "same_backgrounds", "n_forward", "seconds")
-                   } | ({"per_class_background": s["per_class_background"]} if "per_class_background" in s else {})
-    return res
+                               for y in range(prior.shape[0])})
+    return {k: s[k] for k in ("available", "method", "n", *(f"{v}_acc" for v in VARIANTS), "bg_gap",
+                              "flip_rate", "prior_source", "same_backgrounds", "n_forward", "seconds")
+            } | ({"per_class_background": s["per_class_background"]} if "per_class_background" in s else {})
 
 
 def _name(dataset: Any, b: int) -> str:

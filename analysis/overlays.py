@@ -177,47 +177,13 @@ def gradcam_grid(
     cell = 1.9
     fig = new_figure(cell * n_c + 0.9, cell * n_r + 1.0, dpi=dpi)
     axes = fig.subplots(n_r, n_c, squeeze=False)
-    first = extractions[0]
     for r, idx in enumerate(chosen):
-        sample = dataset[int(idx)]
-        img = display_image(sample["image"], dataset)
+        img = display_image(dataset[int(idx)]["image"], dataset)
         for j, (_col_name, e, kind) in enumerate(columns):
-            ax = axes[r, j]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for s in ax.spines.values():
-                s.set_visible(False)
             if e is None:
-                ax.imshow(img, interpolation="bilinear")
-                i0 = int(np.flatnonzero(first.indices == idx)[0])
-                env = first.env_names[first.envs[i0]] if first.env_names else str(first.envs[i0])
-                ax.set_title(
-                    f"y={_short(first.label_names[first.labels[i0]])}\n"
-                    f"c={_short(first.confounder_names[first.confounders[i0]])}",
-                    fontsize=8,
-                )
-                ax.set_ylabel(f"#{int(idx)} · {_short(env, 14)}", fontsize=7, color="#555")
-                continue
-            i = int(np.flatnonzero(e.indices == idx)[0])
-            maps = {"true": e.cams_true, "pred": e.cams_pred, "conf": e.cams_conf}[kind]
-            assert maps is not None
-            overlay, _ = cam_overlay(img, maps[i], cmap=cmap, alpha=alpha)
-            ax.imshow(overlay, interpolation="bilinear")
-            y, p, c = e.labels[i], e.preds[i], e.confounders[i]
-            zero = not np.any(maps[i] > 0)
-            if kind == "conf":
-                cp = int(e.conf_logits[i].argmax()) if e.conf_logits is not None else c
-                text = f"c={_short(e.confounder_names[c])}\nĉ={_short(e.confounder_names[cp])}"
-                colour = CORRECT if cp == c else WRONG
+                _input_cell(axes[r, j], img, extractions[0], int(idx))
             else:
-                text = (
-                    f"y={_short(e.label_names[y])} ŷ={_short(e.label_names[p])}\n"
-                    f"c={_short(e.confounder_names[c])}"
-                )
-                colour = CORRECT if p == y else WRONG
-            if zero:
-                text += " · zero CAM"
-            ax.set_title(text, fontsize=8, color=colour)
+                _cam_cell(axes[r, j], img, e, kind, int(idx), cmap, alpha)
     for j, (col_name, _e, _k) in enumerate(columns):
         axes[0, j].annotate(
             col_name, xy=(0.5, 1.0), xytext=(0, 30), xycoords="axes fraction", textcoords="offset points",
@@ -237,6 +203,48 @@ def gradcam_grid(
     if out is not None:
         save_figure(fig, out, dpi)
     return fig
+
+
+def _bare(ax: Any) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for s in ax.spines.values():
+        s.set_visible(False)
+
+
+def _input_cell(ax: Any, img: np.ndarray, first: Extraction, idx: int) -> None:
+    """The input column: the image, titled with its label and confounder, its index and environment aside."""
+    _bare(ax)
+    ax.imshow(img, interpolation="bilinear")
+    i0 = int(np.flatnonzero(first.indices == idx)[0])
+    env = first.env_names[first.envs[i0]] if first.env_names else str(first.envs[i0])
+    ax.set_title(
+        f"y={_short(first.label_names[first.labels[i0]])}\n"
+        f"c={_short(first.confounder_names[first.confounders[i0]])}",
+        fontsize=8,
+    )
+    ax.set_ylabel(f"#{idx} · {_short(env, 14)}", fontsize=7, color="#555")
+
+
+def _cam_cell(ax: Any, img: np.ndarray, e: Extraction, kind: str, idx: int, cmap: str, alpha: float) -> None:
+    """One model's CAM (``kind``: true, pred or conf) over the image, titled with y, ŷ, c (green when right)."""
+    _bare(ax)
+    i = int(np.flatnonzero(e.indices == idx)[0])
+    maps = {"true": e.cams_true, "pred": e.cams_pred, "conf": e.cams_conf}[kind]
+    assert maps is not None
+    overlay, _ = cam_overlay(img, maps[i], cmap=cmap, alpha=alpha)
+    ax.imshow(overlay, interpolation="bilinear")
+    y, p, c = e.labels[i], e.preds[i], e.confounders[i]
+    if kind == "conf":
+        cp = int(e.conf_logits[i].argmax()) if e.conf_logits is not None else c
+        text = f"c={_short(e.confounder_names[c])}\nĉ={_short(e.confounder_names[cp])}"
+        colour = CORRECT if cp == c else WRONG
+    else:
+        text = f"y={_short(e.label_names[y])} ŷ={_short(e.label_names[p])}\nc={_short(e.confounder_names[c])}"
+        colour = CORRECT if p == y else WRONG
+    if not np.any(maps[i] > 0):
+        text += " · zero CAM"
+    ax.set_title(text, fontsize=8, color=colour)
 
 
 def _rule_text(rule: str) -> str:

@@ -30,16 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from analysis.modules import (
-    as_logits,
-    cascade_modules,
-    module_path,
-    prepare_input,
-    randomize_,
-    resolve_module,
-    scripted_of,
-    unwrap,
-)
+from analysis.modules import cascade_modules, module_path, randomize_, resolve_module, unwrap
 from ex2l_xai.errors import Ex2lError
 
 log = logging.getLogger(__name__)
@@ -83,18 +74,13 @@ def _ssim(a: Tensor, b: Tensor) -> np.ndarray:
 
 def gradcam_fn(layer: str) -> CamFn:
     """Grad-CAM of the label logits at the true label, at module path ``layer`` of whatever model it is given
-    (a TorchScript model through its graph). The input requires grad, so no cached or frozen path is skipped."""
-    from ex2l_xai.cam import cam_from_activations, grad_cam
+    (:func:`analysis.adapter.layer_gradcam`). The input requires grad, so no cached or frozen path is skipped."""
+    from analysis.adapter import layer_gradcam
 
     def cams(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         x = x.detach().clone().requires_grad_(True)
-        scripted = scripted_of(model)
         with torch.enable_grad():
-            if scripted is not None:
-                out, act = scripted.with_activation(prepare_input(model, x), layer)
-                return cam_from_activations(act, as_logits(out), y)
-            target = resolve_module(model, layer, "layer")
-            return grad_cam(lambda t: as_logits(model(t)), target, x, y)
+            return layer_gradcam(model, layer, x, y)
 
     return cams
 
@@ -149,8 +135,6 @@ def cam_sanity(
         ``n_modules``), ``spearman`` and ``ssim`` (mean, with ``_std``), ``zero_share`` (all-zero maps).
     """
     from analysis.extract import subsample_indices
-    from analysis.modules import find_cam_layer
-    from ex2l_xai.cam import upsample
 
     t0 = time.time()
     idx = (np.asarray(indices, dtype=np.int64) if indices is not None
@@ -161,39 +145,79 @@ def cam_sanity(
     x = torch.stack([s["image"].float() for s in samples]).to(dev)
     y = torch.as_tensor([int(s["label"]) for s in samples], device=dev)
     if cam_fn is None:
-        target = resolve_module(model, layer, "layer") if layer is not None else find_cam_layer(model, x[:2])
-        layer_path = module_path(model, target)
-        if layer_path in ("<model>", "") or layer_path == type(target).__name__:
-            raise Ex2lError("cam_sanity: the CAM layer must be a sub-module of the model")
+        layer_path = _layer_path(model, layer, x[:2])
         cam_fn = gradcam_fn(layer_path)
     else:
         layer_path = "custom cam_fn"
-    size = tuple(x.shape[-2:])
+    maps = _Maps(cam_fn, x, y, batch_size)
+    clone = _trainable_copy(model, dev)
+    base = maps(clone)
+    nonzero = base.flatten(1).amax(1) > 0
+    if not bool(nonzero.any()):
+        raise Ex2lError(f"cam_sanity: every trained CAM of the {len(idx)} images is all-zero; nothing to compare")
+    order = cascade_modules(clone, x[:2])
+    ex = int(torch.nonzero(nonzero)[0])
+    records, example_maps = _cascade(clone, order, cascade_counts(len(order), steps), maps, base, nonzero, ex, seed)
+    summary = {
+        **_verdict(records[-1]["spearman"], threshold), "n": int(nonzero.sum()),
+        "n_zero_original": int((~nonzero).sum()), "layer": layer_path, "n_modules": len(order),
+        "order": "output end first (reverse execution order)", "steps": records, "seconds": time.time() - t0,
+    }
+    from analysis.overlays import display_image
 
-    def maps(m: nn.Module) -> Tensor:
+    example = {"index": int(idx[ex]), "image": display_image(x[ex].cpu(), dataset), "trained": base[ex].numpy(),
+               "steps": example_maps, "labels": [r["randomized"]["last"] for r in records]}
+    return SanityResult(summary, example)
+
+
+def _layer_path(model: nn.Module, layer: nn.Module | str | None, example: Tensor) -> str:
+    """Module path of the CAM layer (given, else :func:`analysis.modules.find_cam_layer` on ``example``)."""
+    from analysis.modules import find_cam_layer
+
+    target = resolve_module(model, layer, "layer") if layer is not None else find_cam_layer(model, example)
+    path = module_path(model, target)
+    if path in ("<model>", "") or path == type(target).__name__:
+        raise Ex2lError("cam_sanity: the CAM layer must be a sub-module of the model")
+    return path
+
+
+class _Maps:
+    """The maps of one model copy on the check's images: ``cam_fn`` per batch, upsampled to the image, ReLU'd."""
+
+    def __init__(self, cam_fn: CamFn, x: Tensor, y: Tensor, batch_size: int) -> None:
+        self.cam_fn, self.x, self.y, self.batch_size = cam_fn, x, y, batch_size
+        self.size = tuple(x.shape[-2:])
+
+    def __call__(self, m: nn.Module) -> Tensor:
+        from ex2l_xai.cam import upsample
+
         out = []
-        for s in range(0, x.shape[0], batch_size):
-            c = cam_fn(m, x[s: s + batch_size], y[s: s + batch_size]).detach().float()
+        for s in range(0, self.x.shape[0], self.batch_size):
+            c = self.cam_fn(m, self.x[s: s + self.batch_size], self.y[s: s + self.batch_size]).detach().float()
             if c.dim() == 4:
                 c = c[:, 0]
-            out.append(upsample(c, size).clamp_min(0).cpu() if c.shape[-2:] != size else c.clamp_min(0).cpu())
+            out.append(upsample(c, self.size).clamp_min(0).cpu() if c.shape[-2:] != self.size
+                       else c.clamp_min(0).cpu())
         return torch.cat(out)
 
+
+def _trainable_copy(model: nn.Module, dev: torch.device) -> nn.Module:
+    """A deep copy in eval mode on ``dev`` whose parameters all require grad (frozen weights cut no path)."""
     clone = copy.deepcopy(model)
     if next((p.device for p in clone.parameters()), dev) != dev:
         clone.to(dev)
     clone.eval()
     for p in clone.parameters():
         p.requires_grad_(True)
-    base = maps(clone)
-    nonzero = base.flatten(1).amax(1) > 0
-    if not bool(nonzero.any()):
-        raise Ex2lError(f"cam_sanity: every trained CAM of the {len(idx)} images is all-zero; nothing to compare")
-    order = cascade_modules(clone, x[:2])
+    return clone
+
+
+def _cascade(clone: nn.Module, order: list[str], counts: list[int], maps: _Maps, base: Tensor, nonzero: Tensor,
+             ex: int, seed: int) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
+    """Re-initialise ``order``'s modules cumulatively (``counts`` after each step, seeded) and compare the maps
+    after each step with ``base``; returns the step records and the example image's map after each step."""
     modules = dict(unwrap(clone).named_modules())
-    counts = cascade_counts(len(order), steps)
     records, example_maps = [], []
-    ex = int(torch.nonzero(nonzero)[0])
     done = 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -211,20 +235,15 @@ def cam_sanity(
                 "zero_share": float((after[nonzero].flatten(1).amax(1) <= 0).float().mean()),
             })
             example_maps.append(after[ex].numpy())
-    final = records[-1]["spearman"]
+    return records, example_maps
+
+
+def _verdict(final: float, threshold: float) -> dict[str, Any]:
+    """``passes``, the one-sentence ``verdict`` and the ``threshold``, from the last step's mean rank correlation."""
     passes = bool(final < threshold)
     verdict = (f"The CAMs depend on the weights: with every layer re-initialised their rank correlation with the "
                f"trained model's falls to {final:.2f} (below {threshold})." if passes else
                f"The CAMs do NOT depend enough on the weights: with every layer re-initialised their rank "
                f"correlation with the trained model's is still {final:.2f} (at or above {threshold}); do not read "
                "them as explanations of this model.")
-    summary = {
-        "passes": passes, "verdict": verdict, "threshold": threshold, "n": int(nonzero.sum()),
-        "n_zero_original": int((~nonzero).sum()), "layer": layer_path, "n_modules": len(order),
-        "order": "output end first (reverse execution order)", "steps": records, "seconds": time.time() - t0,
-    }
-    from analysis.overlays import display_image
-
-    example = {"index": int(idx[ex]), "image": display_image(x[ex].cpu(), dataset), "trained": base[ex].numpy(),
-               "steps": example_maps, "labels": [r["randomized"]["last"] for r in records]}
-    return SanityResult(summary, example)
+    return {"passes": passes, "verdict": verdict, "threshold": threshold}

@@ -409,6 +409,74 @@ def _structured_cams(
     return cams
 
 
+@dataclass
+class _CamJob:
+    """What :func:`head_cams` recorded in its forward pass, and how the CAMs are to be taken."""
+
+    probe: Any
+    tails: Any
+    rec: Any
+    store: list[Tensor | None]
+    logits: tuple[Tensor, ...]
+    targets: list[HeadTarget | None]
+    relus: list[bool]
+    shapes: list[Reshape]
+    create_graph: bool
+    retain_graph: bool | None
+    method: str
+    variant: str
+
+
+def _head_logits(output: Any, n: int) -> tuple[Tensor, ...]:
+    """Entries 0..n-1 of ``forward_fn``'s output: one logits tensor per head."""
+    try:
+        return tuple(output[i] for i in range(n))
+    except (TypeError, IndexError, KeyError) as exc:
+        raise Ex2lError(
+            f"forward_fn must return a sequence with one logits tensor per head ({n}), got {type(output).__name__}"
+        ) from exc
+
+
+def _fill_cams(job: _CamJob) -> list[Tensor | None]:
+    """Each head's CAM: 1. the closed form where the pass proves pooling + linear after the CAM layer, 2. a
+    described tail checked against the pass, 3. autograd."""
+    n = len(job.store)
+    cams: list[Tensor | None] = [None] * n
+    todo = [i for i, t in enumerate(job.targets) if t is not None]
+    if job.probe is not None:
+        for i in list(todo):
+            acts = job.store[i]
+            assert acts is not None
+            if job.shapes[i](acts) is not acts:  # a token or channels-last layer: no pooled map to prove
+                continue
+            cam = _closed_form_cam(job.probe, acts, job.logits[i], job.targets[i], job.relus[i],  # type: ignore[arg-type]
+                                   job.create_graph, job.variant)
+            if cam is not None:
+                cams[i] = cam
+                todo.remove(i)
+    if todo and job.tails is not None:
+        sub = [job.targets[i] if i in todo else None for i in range(n)]
+        got = _structured_cams(job.tails, job.rec, job.probe, job.store, job.logits, sub, job.relus,
+                               job.create_graph, job.variant)
+        if got is not None:
+            for i in todo:
+                cams[i] = got[i]
+            todo = []
+    if todo and job.method == "structured":
+        raise Ex2lError(
+            f"method='structured': heads {todo} have neither a CAM layer that feeds global pooling and a "
+            "linear head nor a described tail (cam_tails()) that matches the recorded forward pass; use "
+            "method='auto' to fall back to autograd"
+        )
+    for j, i in enumerate(todo):
+        # Keep the graph while another head still needs it, or when the caller will backpropagate.
+        keep = job.create_graph if job.retain_graph is None else job.retain_graph
+        retain = keep or j < len(todo) - 1
+        cams[i] = _head_cam(job.store[i], job.logits[i], job.targets[i], job.create_graph, retain,  # type: ignore[arg-type]
+                            job.relus[i], job.variant, job.shapes[i])
+    return cams
+
+
 def head_cams(
     forward_fn: Callable[[Tensor], Any],
     layers: Sequence[nn.Module],
@@ -462,45 +530,9 @@ def head_cams(
         missing = [i for i, a in enumerate(store) if a is None]
         if missing:
             raise Ex2lError(f"layers {missing} were not called by forward_fn")
-        try:
-            logits = tuple(output[i] for i in range(len(layers)))
-        except (TypeError, IndexError, KeyError) as exc:
-            raise Ex2lError(
-                f"forward_fn must return a sequence with one logits tensor per head ({len(layers)}), "
-                f"got {type(output).__name__}"
-            ) from exc
-        cams: list[Tensor | None] = [None] * len(layers)
-        todo = [i for i, t in enumerate(targets) if t is not None]
-        if probe is not None:  # 1. closed form where the pass proves pooling + linear after the CAM layer
-            for i in list(todo):
-                acts = store[i]
-                assert acts is not None
-                if shapes[i](acts) is not acts:  # a token or channels-last layer: no pooled map to prove
-                    continue
-                cam = _closed_form_cam(probe, acts, logits[i], targets[i], relus[i], create_graph, variant)  # type: ignore[arg-type]
-                if cam is not None:
-                    cams[i] = cam
-                    todo.remove(i)
-        if todo and tails is not None:  # 2. a described tail, checked against the pass
-            sub = [targets[i] if i in todo else None for i in range(len(layers))]
-            got = _structured_cams(tails, rec, probe, store, logits, sub, relus, create_graph, variant)
-            if got is not None:
-                for i in todo:
-                    cams[i] = got[i]
-                todo = []
-        if todo and method == "structured":
-            raise Ex2lError(
-                f"method='structured': heads {todo} have neither a CAM layer that feeds global pooling and a "
-                "linear head nor a described tail (cam_tails()) that matches the recorded forward pass; use "
-                "method='auto' to fall back to autograd"
-            )
-        for j, i in enumerate(todo):  # 3. autograd
-            # Keep the graph while another head still needs it, or when the caller will backpropagate.
-            keep = create_graph if retain_graph is None else retain_graph
-            retain = keep or j < len(todo) - 1
-            cams[i] = _head_cam(
-                store[i], logits[i], targets[i], create_graph, retain, relus[i], variant, shapes[i]  # type: ignore[arg-type]
-            )
+        logits = _head_logits(output, len(layers))
+        cams = _fill_cams(_CamJob(probe, tails, rec, store, logits, list(targets), relus, shapes, create_graph,
+                                  retain_graph, method, variant))
     acts = tuple(a for a in store if a is not None)
     return HeadCams(output=output, logits=logits, activations=acts, cams=tuple(cams))
 

@@ -232,21 +232,31 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
                    "column (default test; without one every row)")
     p.add_argument("--segmentations", metavar="DIR", help="Waterbirds runs: CUB-200-2011's segmentations/ "
                    "folder, as object masks (background swaps, CAM-in-object)")
-    p.add_argument("--max-samples", type=int, default=2000, metavar="N",
-                   help="seeded, group-stratified subsample of the split (default 2000; 0 = all)")
-    p.add_argument("--interventions", type=int, default=240, metavar="N",
-                   help="images for the background swaps (default 240; 0 = skip)")
-    p.add_argument("--sanity-samples", type=int, default=32, metavar="N",
-                   help="images for the CAM sanity check (default 32; 0 = skip)")
-    p.add_argument("--sanity-steps", type=int, default=5, metavar="K", help="cascade steps of the sanity check "
-                   "(default 5)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the subsamples, probes and UMAP (default 0)")
-    p.add_argument("--device", default=None, help="cpu (default) or cuda")
-    p.add_argument("--rule", default="worst_groups", choices=("worst_groups", "disagreement", "random"),
-                   help="how the Grad-CAM grid's rows are chosen (default worst_groups)")
-    p.add_argument("--rows", type=int, default=6, help="rows of the Grad-CAM grid (default 6)")
+    _add_settings(p)
     _add_common(p)
     p.set_defaults(func=_cmd_audit)
+
+
+#: The options of ``ex2l audit`` that are fields of ``analysis.settings.AuditSettings`` (flag, default and help
+#: come from the field; none is written out here).
+AUDIT_OPTIONS = ("max_samples", "intervention_samples", "sanity_samples", "sanity_steps", "seed", "device", "rule",
+                 "n_rows", "umap_epochs")
+
+
+def _add_settings(p: argparse.ArgumentParser, names: tuple[str, ...] = AUDIT_OPTIONS) -> None:
+    """Add the audit options ``names`` to ``p``, built from ``AuditSettings``'s fields (imported lazily)."""
+    from analysis.settings import cli_options
+
+    for opt in cli_options(names):
+        p.add_argument(opt.flag, **opt.kwargs)
+
+
+def _settings(args: argparse.Namespace, names: tuple[str, ...] = AUDIT_OPTIONS, **fixed: Any) -> Any:
+    """The ``AuditSettings`` of parsed options (0 means None where the field says so) and ``fixed`` values."""
+    from analysis.settings import AuditSettings, cli_options
+
+    values = {o.name: o.value(getattr(args, o.name)) for o in cli_options(names)}
+    return AuditSettings(**values, **fixed)
 
 
 def _audit_items(args: argparse.Namespace) -> list[Any]:
@@ -273,9 +283,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from analysis.report import audit
 
     split = args.split or "test"
-    res = audit(_audit_items(args), args.out, split=split, max_samples=args.max_samples or None, seed=args.seed,
-                device=args.device, rule=args.rule, n_rows=args.rows, intervention_samples=args.interventions,
-                sanity_samples=args.sanity_samples, sanity_steps=args.sanity_steps, quiet=args.quiet)
+    res = audit(_audit_items(args), args.out, _settings(args, split=split), quiet=args.quiet)
     head = (f"{'model':<16}{'avg acc':>9}{'WGA':>8}{'BG-gap':>8}{'only BG':>9}{'CAM ok':>8}{'MMD_env':>10}"
             f"{'leak(z)':>9}{'leak(logit)':>12}{'CAM in obj':>12}")
     lines = [f"audit of {len(res['runs'])} model(s) on {split}", head, "-" * len(head)]
@@ -295,6 +303,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+FIGURE_OPTIONS = ("max_samples", "seed")
+
+
 @command
 def _add_figures(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("figures", help="the paper's Figs. 1-3 and results table from run folders")
@@ -302,18 +313,16 @@ def _add_figures(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder")
     p.add_argument("--only", default="fig1,fig2,fig3,table", help="comma-separated subset of fig1,fig2,fig3,table")
     p.add_argument("--split", default="test", help="split to draw and tabulate (default test)")
-    p.add_argument("--max-samples", type=int, default=2000, metavar="N", help="subsample for the figures (0 = all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the subsample, rows and UMAP (default 0)")
+    _add_settings(p, FIGURE_OPTIONS)
     _add_common(p)
     p.set_defaults(func=_cmd_figures)
 
 
 def _cmd_figures(args: argparse.Namespace) -> int:
-    from analysis.audit import paper_figures
+    from analysis.paper import paper_figures
 
     which = [w.strip() for w in args.only.split(",") if w.strip()]
-    written = paper_figures(args.runs, args.out, which=which, split=args.split,
-                            max_samples=args.max_samples or None, seed=args.seed)
+    written = paper_figures(args.runs, args.out, _settings(args, FIGURE_OPTIONS, split=args.split), which=which)
     print("\n".join(f"{k}: {v}" for k, v in written.items()))
     return 0
 

@@ -46,6 +46,7 @@ from ex2l_xai.backbones import build_backbone
 from ex2l_xai.config import load_config
 from ex2l_xai.fileio import atomic_write_json
 from ex2l_xai.metrics import group_metrics
+from ex2l_xai.runfiles import RunFiles
 from ex2l_xai.train.builders import build_datasets
 
 
@@ -141,7 +142,7 @@ def train_erm_runs(preset: str, knobs: list[str], seeds: list[int], epochs: int,
     from ex2l_xai.launch import Job, LaunchOptions, launch
 
     wave = [Job(f"{k}/erm_seed{s}", _train_erm, (preset, erm_overrides(k, s, epochs), str(erm_dir(root, k, s)),
-                                                  threads), skip_if=str(erm_dir(root, k, s) / "done"))
+                                                  threads), skip_if=str(RunFiles(erm_dir(root, k, s)).done_file))
             for s in seeds for k in knobs]
     report = launch([wave], LaunchOptions(workers=jobs), root / "logs", name="calibrate")
     if report.failed:
@@ -176,12 +177,10 @@ def budget(curves: list[list[float]], patience: int = 2, min_delta: float = 1e-3
 
 def sweep_row(preset: str, knob: str, seeds: list[int], root: Path, preset_epochs: int, c: float) -> dict[str, Any]:
     """Probes and ERM (the preset's epochs, and the whole curve) at one knob value, with the criteria checked."""
-    from ex2l_xai.train import read_metrics
-
     row: dict[str, Any] = {"knob": knob, "probes": calibrate([*PLAIN, knob], preset, c), "erm": [], "val_nll": [],
                            "curve": []}
     for s in seeds:
-        recs = read_metrics(erm_dir(root, knob, s) / "metrics.jsonl")
+        recs = RunFiles(erm_dir(root, knob, s)).read_metrics()
         sel = preset_epoch(recs, preset_epochs)
         row["erm"].append({"seed": s, "epoch": sel["epoch"], "test_aa": sel["test"]["avg_acc"],
                            "test_wga": sel["test"]["worst_group_acc"], "val_wga": sel["val"]["worst_group_acc"]})

@@ -59,3 +59,62 @@ def chromium_probe(url: str, probe_id: str, tmp_path: Path, profile: str = "prof
     m = re.search(rf'<pre id="{probe_id}">(.*?)</pre>', proc.stdout, re.S)
     assert m, f"no probe output from {url} (rc {proc.returncode}): {proc.stderr[-800:]}"
     return json.loads(html.unescape(m.group(1)))
+
+
+def tiny_run(base: Path, algorithm: str, seed: int = 0) -> Path:
+    """The 1-epoch run of ``algorithm`` (and ``seed``) on the tiny synthetic benchmark under ``base`` (the analysis
+    tests share ``<basetemp>/analysis_runs``: a folder marked done is not retrained)."""
+    from ex2l_xai.config import load_config
+    from ex2l_xai.train import train
+
+    run = base / (algorithm if seed == 0 else f"{algorithm}_seed{seed}")
+    train(load_config("quick", [*TINY, f"algorithm.name={algorithm}", f"seed={seed}"]), run, quiet=True)
+    return run
+
+
+def write_png(path: Path, chw: Any) -> None:
+    """Save a (3, H, W) array in [0, 1] as an 8-bit PNG (parents created)."""
+    import numpy as np
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.round(np.transpose(np.asarray(chw), (1, 2, 0)) * 255).astype(np.uint8)).save(path)
+
+
+def png_pixels(path: Path) -> Any:
+    """The (H, W, 4) uint8 pixels of a PNG file (its signature checked first)."""
+    import numpy as np
+    from PIL import Image
+
+    assert path.read_bytes()[:8] == PNG, f"{path} is not a PNG"
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGBA"))
+
+
+def rendered(fig: Any) -> Any:
+    """A matplotlib figure drawn by Agg, as the (H, W, 4) uint8 array its PNG must hold."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba()).copy()
+
+
+def same_picture(a: Any, b: Any) -> None:
+    """Same size and the same picture (a redraw may move anti-aliased text edges by a level or a pixel)."""
+    import numpy as np
+
+    assert a.shape == b.shape
+    diff = np.abs(a.astype(int) - b.astype(int))
+    assert (diff == 0).mean() > 0.95 and diff.mean() < 2.0
+
+
+def drawn(pixels: Any, min_colours: int = 64) -> None:
+    """A picture, not a blank canvas: at least ``min_colours`` distinct colours and under 97 % of one colour."""
+    import numpy as np
+
+    flat = pixels.reshape(-1, pixels.shape[-1])
+    colours, counts = np.unique(flat, axis=0, return_counts=True)
+    assert len(colours) >= min_colours, f"only {len(colours)} colours"
+    assert counts.max() / len(flat) < 0.97, "almost a single colour"

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 import torchvision
+from helpers import write_png
 from PIL import Image
 
 from analysis.datasets import AuditDataset, FolderDataset, as_audit_dataset, waterbirds_masks
@@ -25,11 +26,6 @@ from ex2l_xai.errors import Ex2lError
 SIZE = 32
 
 
-def _png(path: Path, chw: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.round(np.transpose(chw, (1, 2, 0)) * 255).astype(np.uint8)).save(path)
-
-
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
     """An ImageFolder tree (root/<class>/<n>.png) of 24 synthetic test images, their masks, and a CSV giving each
@@ -40,7 +36,7 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
     for i in range(len(ds)):
         s = ds[i]
         rel = f"{ds.label_names[s['label']]}/{i:03d}.png"
-        _png(root / rel, s["image"].numpy())
+        write_png(root / rel, s["image"].numpy())
         Image.fromarray((s["mask"][0].numpy() * 255).astype(np.uint8)).save(root / f"mask_{i:03d}.png")
         rows.append({"path": rel, "confounder": ds.confounder_names[s["confounder"]], "mask": f"mask_{i:03d}.png"})
     pd.DataFrame(rows).to_csv(root / "audit.csv", index=False)
@@ -243,7 +239,7 @@ def test_waterbirds_with_cub_segmentations(tmp_path: Path) -> None:
         rel = f"00{i % 2 + 1}.Bird/bird_{i}.jpg"
         img = np.zeros((3, 16, 16))
         img[:, 4:12, 4:12] = 0.8
-        _png(root / rel, img)
+        write_png(root / rel, img)
         (root / rel).rename((root / rel).with_suffix(".jpg"))
         m = np.zeros((16, 16), np.uint8)
         m[4 + i: 12, 4:12] = 255

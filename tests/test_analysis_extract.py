@@ -9,23 +9,20 @@ import pytest
 import torch
 import torchvision
 from captum.attr import LayerGradCam
-from helpers import TINY
+from helpers import png_pixels, rendered, same_picture
 
 from analysis.embeddings import MIN_SAMPLES, embed, embedding_figure
 from analysis.extract import Extraction, extract, random_copy, subsample_indices
 from analysis.overlays import cam_overlay, display_image, gradcam_grid, select_rows
-from ex2l_xai.config import load_config
 from ex2l_xai.data import get_dataset
 from ex2l_xai.errors import Ex2lError
-from ex2l_xai.train import load_run_model, train
+from ex2l_xai.train import load_run_model
 
 
 @pytest.fixture(scope="session")
-def ex2l_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def ex2l_run(analysis_runs) -> Path:
     """A finished 1-epoch eX2L run (two heads) on the tiny synthetic benchmark; shared by the analysis tests."""
-    run = tmp_path_factory.getbasetemp() / "analysis_runs" / "ex2l"
-    train(load_config("quick", [*TINY, "algorithm.name=ex2l"]), run, quiet=True)
-    return run
+    return analysis_runs("ex2l")
 
 
 @pytest.fixture(scope="module")
@@ -205,29 +202,6 @@ def test_cam_overlay_and_display() -> None:
     np.testing.assert_allclose(display_image(torch.full((3, 4, 4), 9.0)), 1.0)
 
 
-def _rendered(fig) -> np.ndarray:
-    """The figure drawn by Agg, as the (H, W, 4) uint8 array its PNG must hold."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba()).copy()
-
-
-def _same_picture(a: np.ndarray, b: np.ndarray) -> None:
-    """Same size and the same picture (a redraw may move anti-aliased text edges by a level or a pixel)."""
-    assert a.shape == b.shape
-    diff = np.abs(a.astype(int) - b.astype(int))
-    assert (diff == 0).mean() > 0.95 and diff.mean() < 2.0
-
-
-def _png_pixels(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGBA"))
-
-
 def test_gradcam_grid_draws_the_overlays_it_claims(ex2l_run: Path, tmp_path: Path) -> None:
     import matplotlib
 
@@ -253,7 +227,7 @@ def test_gradcam_grid_draws_the_overlays_it_claims(ex2l_run: Path, tmp_path: Pat
             assert ax.title.get_color() == ("#1a7f37" if e.preds[i] == e.labels[i] else "#c62828")
             assert f"ŷ={e.label_names[e.preds[i]]}" in ax.get_title()
         assert ("zero CAM" in cells[1].get_title()) == (not np.any(ext.cams_true[i] > 0))
-    _same_picture(_png_pixels(png), _rendered(fig))  # the PNG holds this figure, at the figure's size
+    same_picture(png_pixels(png), rendered(fig))  # the PNG holds this figure, at the figure's size
     assert matplotlib.get_backend() == backend, "a library function must not switch the user's backend"
 
 
@@ -281,7 +255,7 @@ def test_embedding_figure_plots_the_embedding(ex2l_run: Path, tmp_path: Path) ->
         legend = [t.get_text() for t in ax.get_legend().get_texts()] if ax.get_legend() else []
         assert not legend or legend == [names[v] for v in np.unique(values)]
     assert "MMD$_{env}$ = 0.0123" in fig.axes[0].texts[0].get_text()
-    _same_picture(_png_pixels(umap_png), _rendered(fig))
+    same_picture(png_pixels(umap_png), rendered(fig))
     assert matplotlib.get_backend() == backend and plt.get_fignums() == figs, "no pyplot figure, no backend switch"
 
 
@@ -292,5 +266,5 @@ def test_embed_refuses_tiny_input_and_labels_pca(tmp_path: Path) -> None:
         embed(np.full((20, 3), np.nan))
     e = fake_extraction([0] * 8)
     fig = embedding_figure([e], None, tmp_path / "pca.png", method="pca", colour_by=("label",))
-    assert "PCA" in fig._suptitle.get_text()
+    assert "PCA" in fig.get_suptitle()
     assert fig.axes[0].get_xlabel() == "PCA 1"

@@ -10,23 +10,19 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from helpers import TINY
 from scipy.stats import spearmanr
 from torch import nn
 
 from analysis.modules import cascade_modules, find_cam_layer, module_path, random_copy, randomize_
 from analysis.sanity import cam_sanity, cascade_counts, rank_correlation
-from ex2l_xai.config import load_config
 from ex2l_xai.data import get_dataset
-from ex2l_xai.train import dataset_kwargs, load_run_model, train
+from ex2l_xai.train import dataset_kwargs, load_run_model
 
 
 @pytest.fixture(scope="module")
-def erm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def erm_run(analysis_runs) -> Path:
     """The 1-epoch ERM run of the analysis tests (a small CNN on the tiny synthetic benchmark; shared)."""
-    run = tmp_path_factory.getbasetemp() / "analysis_runs" / "erm"
-    train(load_config("quick", [*TINY, "algorithm.name=erm"]), run, quiet=True)
-    return run
+    return analysis_runs("erm")
 
 
 def image_gradient(_model: nn.Module, x: torch.Tensor, _y: torch.Tensor) -> torch.Tensor:

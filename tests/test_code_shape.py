@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LINES = 80
-PACKAGES = ["ex2l_xai"]
+PACKAGES = ["ex2l_xai", "analysis", "figures"]
 
 
 def long_functions(path: Path, root: Path = ROOT, limit: int = MAX_LINES) -> list[str]:

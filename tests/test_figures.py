@@ -10,24 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import PNG, TINY
-
-from ex2l_xai.config import load_config
-from ex2l_xai.train import train
+from helpers import drawn, png_pixels
 
 FIGURES = Path(__file__).resolve().parents[1] / "figures"
 
 
 @pytest.fixture(scope="session")
-def seed_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+def seed_runs(analysis_runs) -> list[Path]:
     """ERM and eX2L of the shared tiny runs (seed 0), plus ERM with seed 1."""
-    base = tmp_path_factory.getbasetemp() / "analysis_runs"
-    runs = []
-    for name, seed in (("erm", 0), ("ex2l", 0), ("erm", 1)):
-        run = base / (name if seed == 0 else f"{name}_seed{seed}")
-        train(load_config("quick", [*TINY, f"algorithm.name={name}", f"seed={seed}"]), run, quiet=True)
-        runs.append(run)
-    return runs
+    return [analysis_runs(name, seed) for name, seed in (("erm", 0), ("ex2l", 0), ("erm", 1))]
 
 
 def script(name: str) -> dict[str, Any]:
@@ -35,11 +26,6 @@ def script(name: str) -> dict[str, Any]:
     if str(FIGURES) not in sys.path:
         sys.path.insert(0, str(FIGURES))
     return runpy.run_path(str(FIGURES / name))
-
-
-def assert_png(path: Path, min_kb: int = 20) -> None:
-    data = path.read_bytes()
-    assert data[:8] == PNG and len(data) > min_kb * 1000, (path, len(data))
 
 
 @pytest.mark.parametrize(
@@ -54,7 +40,7 @@ def test_figure_scripts(seed_runs: list[Path], tmp_path: Path, name: str, artefa
     g = script(name)
     out = tmp_path / "sub" / f"{artefact}.png"
     assert g["main"](artefact, g["PARSER"], [*map(str, seed_runs), "--out", str(out), "--quiet", *extra]) == 0
-    assert_png(out)
+    drawn(png_pixels(out))
     assert not list(out.parent.glob(".*")), "no temporary files left"
 
 
@@ -85,7 +71,7 @@ def test_cli_figures(seed_runs: list[Path], tmp_path: Path, capsys: pytest.Captu
 
     out = tmp_path / "figs"
     assert main(["figures", *map(str, seed_runs[:2]), "--out", str(out), "--only", "fig1,table", "--quiet"]) == 0
-    assert_png(out / "fig1_gradcam_grid.png")
+    drawn(png_pixels(out / "fig1_gradcam_grid.png"))
     assert "| ERM |" in (out / "table_results.md").read_text()
     assert "fig1:" in capsys.readouterr().out
     assert main(["figures", str(seed_runs[0]), "--out", str(out), "--only", "fig9"]) == 2

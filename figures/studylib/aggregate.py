@@ -8,15 +8,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ex2l_xai.runfiles import RunFiles
 from studylib.regimes import Regime
 from studylib.runner import DIAGNOSTICS, run_dir
 
 Table = dict[str, dict[str, list[dict[str, Any]]]]
 """benchmark -> method -> one record per finished seed."""
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _best(recs: list[dict[str, Any]], key: Any) -> dict[str, Any]:
@@ -25,8 +22,9 @@ def _best(recs: list[dict[str, Any]], key: Any) -> dict[str, Any]:
 
 def record(out: Path, seed: int) -> dict[str, Any]:
     """The study's record of one finished run folder (``results.json``, ``metrics.jsonl`` and diagnostics)."""
-    res = json.loads((out / "results.json").read_text())
-    recs = [r for r in _read_jsonl(out / "metrics.jsonl") if "val" in r]
+    run = RunFiles(out)
+    res = run.read_results()
+    recs = [r for r in run.read_metrics() if "val" in r]
     oracle = _best(recs, lambda r: (r["oracle_val"]["worst_group_acc"], -r["epoch"])) if "oracle_val" in recs[0] else None
     # worst-group validation cross-entropy (runs written before it was logged lack it: None)
     wgce = (_best(recs, lambda r: (-r["val"]["worst_group_nll"], -r["epoch"]))
@@ -67,6 +65,6 @@ def collect(root: Path, regime: Regime, seeds: Sequence[int] | None = None) -> T
         for m in regime.methods_of(b):
             for s in regime.seeds_of(m):
                 out = run_dir(root, b, m, s)
-                if (seeds is None or s in seeds) and (out / "done").exists():
+                if (seeds is None or s in seeds) and RunFiles(out).is_done():
                     table.setdefault(b, {}).setdefault(m, []).append(record(out, s))
     return table

@@ -10,9 +10,10 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ex2l_xai.runfiles import RunFiles
 from studylib.regimes import Regime
 
 log = logging.getLogger("study")
@@ -39,15 +40,19 @@ def overrides_for(regime: Regime, bench: str, method: str, seed: int, extra: Seq
 
 
 def train_one(regime: Regime, bench: str, method: str, seed: int, root: str, threads: int,
-              extra: tuple[str, ...] = (), device: str = "cpu") -> tuple[str, float, str]:
-    """Worker: train (or resume / skip) one configuration, then measure it."""
+              extra: tuple[str, ...] = (), device: str = "cpu", measure: Callable[[Path], dict] | None = None
+              ) -> tuple[str, float, str]:
+    """Worker: train (or resume / skip) one configuration, then measure it with ``measure`` (default
+    :func:`studylib.measure.measure_run`; passed in so a job pickled by value needs no ``studylib`` import)."""
     import torch
 
     torch.set_num_threads(threads)
     from ex2l_xai.config import load_config
     from ex2l_xai.fileio import atomic_write_json
     from ex2l_xai.train import train
-    from studylib.measure import measure_run
+
+    if measure is None:
+        from studylib.measure import measure_run as measure
 
     out = run_dir(Path(root), bench, method, seed)
     t0 = time.time()
@@ -55,14 +60,14 @@ def train_one(regime: Regime, bench: str, method: str, seed: int, root: str, thr
     config.train.device = device
     train(config, out, quiet=True)
     if not (out / DIAGNOSTICS).exists():
-        atomic_write_json(out / DIAGNOSTICS, measure_run(out), indent=1)
+        atomic_write_json(out / DIAGNOSTICS, measure(out), indent=1)
     return f"{bench}/{method}/seed{seed}", time.time() - t0, ""
 
 
 def finished(root: Path, bench: str, method: str, seed: int) -> bool:
     """Whether a configuration is trained and measured."""
     out = run_dir(root, bench, method, seed)
-    return (out / "done").exists() and (out / DIAGNOSTICS).exists()
+    return RunFiles(out).is_done() and (out / DIAGNOSTICS).exists()
 
 
 def jobs_of(regime: Regime, root: Path, seeds: Sequence[int] | None = None, only: str = ""
@@ -97,7 +102,8 @@ def launch_runs(regime: Regime, root: Path, options: object, *, seeds: Sequence[
 
     waves = jobs_of(regime, root, seeds, only)
     total = sum(len(w) for w in waves)
-    jobs = [[Job(f"{b}/{m}/seed{s}", train_one, (regime, b, m, s, str(root), threads, tuple(extra), device),
+    jobs = [[Job(f"{b}/{m}/seed{s}", train_one, (regime, b, m, s, str(root), threads, tuple(extra), device,
+                                               studylib.measure.measure_run),
                  skip_if=str(run_dir(root, b, m, s) / DIAGNOSTICS)) for b, m, s in wave] for wave in waves]
     log.info("%d configurations to run in %s", total, root)
     t0 = time.time()
