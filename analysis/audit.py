@@ -276,17 +276,18 @@ def prepare(item: AuditTarget | nn.Module | str | os.PathLike[str], settings: Au
 
 def audit_one(item: AuditTarget | nn.Module | str | os.PathLike[str], settings: AuditSettings | None = None, *,
               checks: Sequence[Check | str] | None = None, dataset_cache: dict[str, Any] | None = None,
-              shared: dict[str, Any] | None = None, dataset: Any = None, layer: Any = None,
+              shared: dict[str, Any] | None = None, dataset: Any = None, layer: Any = None, env: bool = True,
               **options: Any) -> ModelAudit:
     """Audit one model: :func:`prepare`, then ``checks`` (default: every registered check, in order).
 
     ``options`` override fields of ``settings``; ``dataset`` / ``layer`` apply to a plain ``nn.Module`` item;
-    ``shared`` holds what the models of one audit share (e.g. random baselines by architecture).
+    ``shared`` holds what the models of one audit share (e.g. random baselines by architecture); ``env=False``
+    skips building the environment analysis's set (for checks that do not read it: the study's diagnostics).
     """
     s = (settings or AuditSettings()).replace(**options) if options else settings or AuditSettings()
     cache = dataset_cache if dataset_cache is not None else {}
     t0 = time.time()
-    prep = prepare(item, s, dataset_cache=cache, dataset=dataset, layer=layer)
+    prep = prepare(item, s, env=env, dataset_cache=cache, dataset=dataset, layer=layer)
     ext, entry = prep.extraction, prep.entry
     timings = {"extract": time.time() - t0}
     entry.update(split=s.split, n_samples=len(ext), n_split=ext.meta.get("n_dataset"), layer=prep.adapter.layer_path,

@@ -20,6 +20,7 @@ confounder CAMs, and the decision-level leak::
     python figures/study.py run --regime calibrated --jobs 2              # train what is missing (resumable)
     python figures/study.py report --regime calibrated --md docs/results.md   # tables; rewrite the section
     python figures/study.py run --only 'erm$' --seeds 0                   # a subset
+    python figures/study.py measure --regime calibrated --force           # diagnostics again (the audit's checks)
 
 Model selection, as DomainBed: within a run the epoch is chosen on the training-distribution validation split
 (``val``: worst-group accuracy, ties broken by the lower validation cross-entropy); the tables add the epoch the
@@ -66,6 +67,27 @@ def cmd_run(args: argparse.Namespace) -> int:
                        log_dir=Path(args.log_dir) if args.log_dir else None)
 
 
+def cmd_measure(args: argparse.Namespace) -> int:
+    """(Re)measure the diagnostics of every finished run: those without them, or all with --force."""
+    import torch
+    from studylib.measure import measure_run
+    from studylib.runner import DIAGNOSTICS, run_dir
+
+    from ex2l_xai.fileio import atomic_write_json
+    from ex2l_xai.runfiles import RunFiles
+
+    torch.set_num_threads(args.threads)
+    regime, root = REGIMES[args.regime], Path(args.root)
+    for b in regime.benchmarks:
+        for m in regime.methods_of(b):
+            for s in regime.seeds_of(m):
+                out = run_dir(root, b, m, s)
+                if RunFiles(out).is_done() and (args.force or not (out / DIAGNOSTICS).exists()):
+                    atomic_write_json(out / DIAGNOSTICS, measure_run(out), indent=1)
+                    logging.getLogger("study").info("measured %s", out)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """Aggregate the finished runs, print the tables, write summary.json and (with --md) the docs section."""
     regime = REGIMES[args.regime]
@@ -102,7 +124,7 @@ def _launcher_args(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("run", "report", "all"):
+    for name in ("run", "report", "all", "measure"):
         p = sub.add_parser(name)
         p.add_argument("--regime", choices=sorted(REGIMES), default="calibrated", help="which study (a sweep file)")
         p.add_argument("--root", default=None, help="where the run folders live (default runs/study/<regime>)")
@@ -118,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
             _launcher_args(p)
         if name in ("report", "all"):
             p.add_argument("--md", default="", help="rewrite the regime's study section of this markdown file")
+        if name == "measure":
+            p.add_argument("--force", action="store_true", help="measure runs that have diagnostics too")
+            p.add_argument("--threads", type=int, default=1, help="torch threads")
     args = ap.parse_args(argv)
     if args.root is None:
         args.root = str(ROOT / "runs" / "study" / args.regime)
@@ -126,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args)
     if args.cmd == "report":
         return cmd_report(args)
+    if args.cmd == "measure":
+        return cmd_measure(args)
     failed = cmd_run(args)  # all: train what is missing, then write the tables (of what finished)
     return cmd_report(args) or failed
 

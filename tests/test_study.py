@@ -23,7 +23,8 @@ def _study():
 def test_study_run_skip_and_report(tmp_path: Path) -> None:
     study = _study()
     args = ["run", "--regime", "scratch", "--root", str(tmp_path), "--seeds", "0", "--only",
-            "^m2m_hard/(erm|paper_l0.1)$", "--jobs", "1", "--threads", "1", "--quiet", "--set", *TINY]
+            "^m2m_hard/(erm|paper_l0.1)$", "--jobs", "1", "--threads", "1", "--quiet", "--set", *TINY,
+            "data.options.test_per_group=20"]  # 10 test images per background: enough for the 5-fold leak probe
     assert study.main(args) == 0
     runs = sorted(p.parent.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("done"))
     assert runs == ["m2m_hard/erm/seed0", "m2m_hard/paper_l0.1/seed0"]
@@ -31,6 +32,14 @@ def test_study_run_skip_and_report(tmp_path: Path) -> None:
     assert 0.0 <= metrics["zero_cam_share"] <= 1.0 and 0.0 <= metrics["cam_in_mask"] <= 1.0
     assert 0.0 <= metrics["cam_overlap"] <= 1.0  # Dice of the label and confounder CAMs
     assert metrics["chance"] == 0.5  # each m2m test class sits on two backgrounds
+    # the diagnostics are the audit's own numbers for that run (its localization and leakage checks)
+    from analysis.audit import audit_one
+    from analysis.settings import AuditSettings
+
+    entry = audit_one(tmp_path / "m2m_hard/paper_l0.1/seed0", AuditSettings(split="test", max_samples=800),
+                      checks=["localization", "leakage"]).entry
+    assert (metrics["cam_overlap"], metrics["zero_cam_share"]) == (entry["cam_overlap"], entry["zero_cam_share"])
+    assert metrics["logit_leak"] == entry["leakage"]["logit_leak"] and metrics["n"] == entry["n_samples"]
     stamp = (tmp_path / "m2m_hard/erm/seed0/done").stat().st_mtime_ns
     assert study.main(args) == 0  # done runs are skipped
     assert (tmp_path / "m2m_hard/erm/seed0/done").stat().st_mtime_ns == stamp
