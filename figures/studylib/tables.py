@@ -115,9 +115,11 @@ def paired_table(rows: dict[str, list[dict[str, Any]]], regime: Regime) -> str:
     cols = (("test_aa", "AA"), ("test_wga", "WGA"), ("test_mga", "mean-group acc."))
     head = ["method", "vs", "seeds"] + [f"Δ test {c} [95 % CI]" for _, c in cols] + ["seeds ahead (WGA)"]
     lines = ["\n" + "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    order = list(regime.baselines)
     for m in regime.methods:
         for base in regime.baselines:
-            if m == base or m not in rows or base not in rows:
+            # each pair of baselines once (the later one against the earlier)
+            if m == base or m not in rows or base not in rows or (m in order and order.index(m) < order.index(base)):
                 continue
             cells = []
             for key, _ in cols:
