@@ -88,6 +88,29 @@ def cmd_measure(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_default(args: argparse.Namespace) -> int:
+    """eX2L's default chosen on validation across studies (``--from REGIME=ROOT`` or ``REGIME=SUMMARY.json``,
+    repeatable; later sources add to or replace the methods of earlier ones)."""
+    import json
+
+    from studylib.tables import choose_default
+
+    merged: dict[str, dict] = {}
+    for spec in args.sources:
+        name, _, src = spec.partition("=")
+        if name not in REGIMES or not src:
+            raise SystemExit(f"--from {spec!r}: expected REGIME=ROOT or REGIME=SUMMARY.json, REGIME one of {sorted(REGIMES)}")
+        path = Path(src)
+        table = json.loads(path.read_text()) if path.suffix == ".json" else collect(path, REGIMES[name])
+        for bench, rows in table.items():
+            merged.setdefault(name, {}).setdefault(bench, {}).update(rows)
+    choice, scores = choose_default([(merged[n], REGIMES[n]) for n in merged])
+    for m, sc in sorted(scores.items(), key=lambda kv: (-kv[1]["score"], kv[1]["val_nll"])):
+        print(f"{m:22s} mean val WGA {100 * sc['score']:.1f}  mean val CE {sc['val_nll']:.5f}  over {sc['benchmarks']}")
+    print(f"chosen on validation: {choice}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """Aggregate the finished runs, print the tables, write summary.json and (with --md) the docs section."""
     regime = REGIMES[args.regime]
@@ -143,7 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         if name == "measure":
             p.add_argument("--force", action="store_true", help="measure runs that have diagnostics too")
             p.add_argument("--threads", type=int, default=1, help="torch threads")
+    d = sub.add_parser("default", help="eX2L's default chosen on validation across studies")
+    d.add_argument("--from", dest="sources", action="append", required=True, metavar="REGIME=ROOT|SUMMARY.json")
     args = ap.parse_args(argv)
+    if args.cmd == "default":
+        return cmd_default(args)
     if args.root is None:
         args.root = str(ROOT / "runs" / "study" / args.regime)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(message)s")

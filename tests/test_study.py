@@ -214,3 +214,24 @@ def test_paired_table_and_outcome_from_a_planted_table() -> None:
     assert outcome({"b1": rows}, regime).startswith("`ex` on b1 beats `erm` by at least 5 points")
     rows["ex"] = recs([0.12, 0.22, 0.32])
     assert outcome({"b1": rows}, regime).startswith("No eX2L variant beats `erm` by 5 points")
+
+
+def test_default_is_chosen_across_studies_on_validation_only() -> None:
+    """Two studies, each with its own choose_on benchmark: a variant must have runs on both to compete; val WGA
+    first, then the lower val CE; test numbers play no part."""
+    _study()
+    from studylib.regimes import parse_regime
+    from studylib.tables import choose_default
+
+    a = parse_regime(_sweep(name="a", choose_on=["b1"]), "a.yaml")
+    b = parse_regime(_sweep(name="b", choose_on=["b1"], methods={
+        "erm": {"description": "ERM", "overrides": ["algorithm.name=erm"]},
+        "ex": {"description": "X", "overrides": ["algorithm.name=ex2l"]},
+        "ex2": {"description": "Y", "overrides": ["algorithm.name=ex2l"]}}), "b.yaml")
+    t_a = {"b1": {"ex": [_record(1.0, 0.30, 0.0)]}}
+    t_b = {"b1": {"ex": [_record(1.0, 0.10, 0.0)], "ex2": [_record(1.0, 0.01, 1.0)]}}
+    choice, scores = choose_default([(t_a, a), (t_b, b)])
+    assert choice == "ex" and set(scores) == {"ex"}  # ex2 ran in one study only
+    assert scores["ex"]["val_nll"] == pytest.approx(0.2)
+    t_a["b1"]["ex2"] = [_record(1.0, 0.01, 0.0)]
+    assert choose_default([(t_a, a), (t_b, b)])[0] == "ex2"  # same val WGA, lower val CE

@@ -189,3 +189,25 @@ def outcome(table: Table, regime: Regime, margin: float = 0.05) -> str:
                 f"{100 * margin:.0f} points of test WGA with a paired 95 % interval that excludes 0.")
     return (f"No eX2L variant beats {bases} by {100 * margin:.0f} points of test WGA with a paired 95 % interval "
             f"that excludes 0.")
+
+
+def choose_default(tables: list[tuple[Table, Regime]], key: str = "val_wga") -> tuple[str | None, dict[str, Any]]:
+    """eX2L's default across studies: the variant (by name) with the best mean ``key`` over every study's
+    ``choose_on`` benchmarks, ties broken by the lower mean validation cross-entropy; only variants with runs on
+    every one of those benchmarks compete. Returns the choice and each candidate's (score, val CE, benchmarks)."""
+    benches = [(t, r, b) for t, r in tables for b in (r.choose_on or tuple(r.benchmarks))]
+    names = {m for _, r in tables for m in r.methods if is_ex2l(r, m)}
+    scores: dict[str, Any] = {}
+    for m in sorted(names):
+        per, nll = [], []
+        for t, _r, b in benches:
+            recs = t.get(b, {}).get(m, [])
+            per.append(_mean([x[key] for x in recs]))
+            nll.append(_mean([x.get("val_nll") for x in recs]))
+        if all(v == v for v in per):
+            scores[m] = {"score": statistics.fmean(per), "val_nll": statistics.fmean(nll) if all(v == v for v in nll)
+                         else float("nan"), "benchmarks": [b for _, _, b in benches]}
+    if not scores:
+        return None, scores
+    best = max(scores, key=lambda m: (scores[m]["score"], -scores[m]["val_nll"] if scores[m]["val_nll"] == scores[m]["val_nll"] else -float("inf")))
+    return best, scores
