@@ -22,13 +22,19 @@ N_EXEMPLARS = 4
 
 
 def embedding_of(audit: Any, settings: Any) -> tuple[str, np.ndarray]:
-    """(method, (N, 2) embedding) of ``audit.extraction``'s latents with the audit's settings (UMAP, PCA when UMAP
-    fails); kept in ``audit.artifacts["embedding"]`` so that Fig. 2 reuses it when it embeds the same extraction."""
+    """(method, (N, 2) embedding) of ``audit.extraction``'s latents.
+
+    When Fig. 2 embeds the same extraction (the audited split holds several environments, or none was added), this
+    is the audit's own embedding (UMAP with the audit's settings, PCA when UMAP fails), made here once and kept in
+    ``audit.artifacts["embedding"]`` for Fig. 2. Otherwise (Fig. 2 embeds val + the split) a PCA of the split: a
+    second UMAP would cost as much as Fig. 2 itself."""
     from analysis.embeddings import embed
 
     if "embedding" in audit.artifacts:
         return audit.artifacts["embedding"]
     s, z = settings, audit.extraction.latents
+    if audit.env_extraction is not audit.extraction:
+        return "pca", embed(z, method="pca")
     try:
         out = s.embedding, embed(z, method=s.embedding, seed=s.seed, n_epochs=s.umap_epochs,
                                  n_neighbors=s.umap_neighbors)
