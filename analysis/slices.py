@@ -225,7 +225,7 @@ def spuriosity(latents: np.ndarray, labels: np.ndarray, preds: np.ndarray, slice
         cands = []
         for j in top:
             d = _cohen_d(zy[worst, j], zy[~worst, j]) if worst.any() and (~worst).any() else 0.0
-            share = None if off is None else float(off[j])
+            share = None if off is None or not np.isfinite(off[j]) else float(off[j])
             flag = (share >= off_min) if share is not None else abs(d) >= d_min
             cands.append({"feature": int(j), "contribution": float(contrib[j]), "separation": d,
                           "off_object": share, "flagged": bool(flag)})

@@ -131,3 +131,49 @@ def test_spuriosity_with_off_object_shares_flags_by_mask():
                     off_object={0: np.array([0.1, 0.9, 0.3])})
     assert sp.classes[0]["flagged"] == [1]
     assert sp.classes[0]["candidates"][0]["feature"] == 1
+
+
+def test_off_object_shares_of_a_channel_map():
+    """A 1x1 conv whose channel 0 reads the object's red and channel 1 the background's blue; the latent is their
+    global average pool (the fc input): channel 0 lies entirely on the object, channel 1 entirely off it."""
+    import torch
+    from torch import nn
+
+    from analysis.adapter import ModelAdapter
+    from analysis.datasets import AuditDataset
+    from analysis.extract import extract
+    from analysis.slice_maps import off_object_shares
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 1, bias=False)
+            with torch.no_grad():
+                self.conv.weight.zero_()
+                self.conv.weight[0, 0] = 1.0
+                self.conv.weight[1, 2] = 1.0
+            self.fc = nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+    n = 8
+    images = torch.zeros(n, 3, 8, 8)
+    masks = np.zeros((n, 8, 8))
+    masks[:, 2:6, 2:6] = 1
+    images[:, 0, 2:6, 2:6] = 1.0
+    images[:, 2] = 1.0 - torch.as_tensor(masks, dtype=torch.float32)
+    labels = torch.tensor([0, 1] * (n // 2))
+    ds = AuditDataset(torch.utils.data.TensorDataset(images, labels), confounders=np.zeros(n, dtype=np.int64),
+                      masks=list(masks))
+    model = Net().eval()
+    adapter = ModelAdapter(model, layer=model.conv)
+    ext = extract(adapter, ds, cams=False)
+    shares, how = off_object_shares(adapter, ds, ext)
+    for y in (0, 1):
+        np.testing.assert_allclose(shares[y], [0.0, 1.0], atol=1e-6)
+    assert "conv" in how
+    # a latent that is not the CAM layer's pool: no maps, a reason
+    other = ModelAdapter(model, layer=model.conv, latent_fn=lambda x: torch.ones(x.shape[0], 2))
+    ext2 = extract(other, ds, cams=False)
+    assert off_object_shares(other, ds, ext2)[0] is None
