@@ -1,5 +1,6 @@
 """Where each latent feature looks, for the spuriosity ranking where the data has object masks: the share of a
-feature's activation map that lies outside the object (:func:`off_object_shares`).
+feature's activation map that lies outside the object (:func:`off_object_shares`), beside the share a uniform map
+would put there (the background's area): a feature is off the object when its share exceeds that baseline.
 
 A latent feature has an activation map only when the latent is the global average pool of the CAM layer (a
 ResNet's ``fc`` input and ``layer4``): the pass checks this on the images it reads (the pooled map must equal the
@@ -46,33 +47,36 @@ def _maps(adapter: Any, dataset: Any, indices: np.ndarray, batch_size: int) -> t
 
 
 def off_object_shares(adapter: Any, dataset: Any, ext: Any, *, per_class: int = 32, seed: int = 0,
-                      batch_size: int = 64) -> tuple[dict[int, np.ndarray] | None, str]:
+                      batch_size: int = 64) -> tuple[dict[int, np.ndarray] | None, dict[int, float], str]:
     """({class: (D,) share of each feature's positive activation outside the object mask, over up to ``per_class``
-    of the class's audited images}, how it was measured), or (None, why not): no masks, a TorchScript model, a CAM
+    of the class's audited images}, {class: the share a uniform map would put outside, i.e. the mean background
+    area of those images}, how it was measured), or (None, {}, why not): no masks, a TorchScript model, a CAM
     layer that is not a channel map, or a latent that is not its global average pool."""
     if ext.masks is None:
-        return None, "the data has no object masks"
+        return None, {}, "the data has no object masks"
     if getattr(adapter, "scripted", None) is not None or adapter.forward_fn is not None:
-        return None, "the model's CAM layer cannot be hooked (TorchScript or a custom forward_fn)"
+        return None, {}, "the model's CAM layer cannot be hooked (TorchScript or a custom forward_fn)"
     picks = _pick(ext.labels, per_class, seed)
     pos = np.concatenate(list(picks.values()))
     maps = _maps(adapter, dataset, ext.indices[pos], batch_size)
     if maps is None:
-        return None, f"the CAM layer {adapter.layer_path} gives no (N, C, h, w) map"
+        return None, {}, f"the CAM layer {adapter.layer_path} gives no (N, C, h, w) map"
     pooled = maps.mean((2, 3)).numpy()
     latents = ext.latents[pos]
     if pooled.shape != latents.shape or not np.allclose(pooled, latents, rtol=1e-3, atol=1e-4):
-        return None, (f"the latent is not the global average pool of {adapter.layer_path}, so its features have no "
+        return None, {}, (f"the latent is not the global average pool of {adapter.layer_path}, so its features have no "
                       "activation maps there")
     masks = torch.as_tensor(ext.masks[pos], dtype=torch.float32)[:, None]
     inside = F.interpolate(masks, size=maps.shape[-2:], mode="area")  # the object's share of each map cell
     act = maps.clamp_min(0)
     off = (act * (1 - inside)).sum((2, 3)).numpy()
     total = act.sum((2, 3)).numpy()
-    out, start = {}, 0
+    background = (1 - inside).mean((1, 2, 3)).numpy()
+    out, base, start = {}, {}, 0
     for y, p in picks.items():
         rows = slice(start, start + p.size)
         t = total[rows].sum(0)
         out[y] = np.where(t > 0, off[rows].sum(0) / np.where(t > 0, t, 1.0), np.nan)
+        base[y] = float(background[rows].mean())
         start += p.size
-    return out, f"activation maps of {adapter.layer_path} vs the object masks ({per_class} images per class at most)"
+    return out, base, f"activation maps of {adapter.layer_path} vs the object masks ({per_class} images per class at most)"

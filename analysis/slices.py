@@ -15,9 +15,13 @@ head's input (run folders, a model whose last module is a ``Linear``), with its 
 **Spuriosity** (after Moayeri et al., 2023). Per class, the ``m`` latent features the head weighs most
 (``W[y, j] * mean activation of j over the class``) are the candidates; a candidate is flagged as spurious when it
 separates the class's worst slice from the rest of the class (absolute Cohen's d >= ``d_min``) or, where an
-off-object score is given (the share of the feature's activation map outside the object mask), when that share is
-at least ``off_min``. An image's spuriosity is the mean of its flagged features' activations, each standardised
-over the class; the spurious gap is the accuracy of the class's top spuriosity quartile minus its bottom quartile.
+off-object score is given (the share of the feature's activation map outside the object mask), when that share
+exceeds ``off_min`` (the audit: the background's area, the share a uniform map would have). Candidates are listed
+flagged first, then by off-object share where it is measured, else by separation. An image's spuriosity is the
+mean of its flagged features' activations, each standardised over the class and oriented so that high means "like
+the rest of the class" (a feature higher in the worst slice, d >= ``d_min``, counts negatively: a high score has the
+cue the worst slice lacks); the spurious gap is the accuracy of the class's top spuriosity quartile minus its bottom
+quartile.
 """
 
 from __future__ import annotations
@@ -207,9 +211,12 @@ def _cohen_d(a: np.ndarray, b: np.ndarray) -> float:
 
 def spuriosity(latents: np.ndarray, labels: np.ndarray, preds: np.ndarray, slices: np.ndarray,
                weights: np.ndarray, worst_slice: dict[int, int], *, m: int = 5, d_min: float = 0.8,
-               off_object: dict[int, np.ndarray] | None = None, off_min: float = 0.5) -> Spuriosity:
+               off_object: dict[int, np.ndarray] | None = None,
+               off_min: float | dict[int, float] = 0.5) -> Spuriosity:
     """The spuriosity ranking of the module's docstring. ``worst_slice`` {class: its worst slice};
-    ``off_object`` {class: (D,) share of each feature's activation map outside the object} where masks exist."""
+    ``off_object`` {class: (D,) share of each feature's activation map outside the object} where masks exist;
+    ``off_min``: the share above which a feature is off the object (one number, or one per class: the audit passes
+    the background's area, the share of a uniform map)."""
     z = np.asarray(latents, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     correct = np.asarray(preds) == labels
@@ -226,16 +233,19 @@ def spuriosity(latents: np.ndarray, labels: np.ndarray, preds: np.ndarray, slice
         for j in top:
             d = _cohen_d(zy[worst, j], zy[~worst, j]) if worst.any() and (~worst).any() else 0.0
             share = None if off is None or not np.isfinite(off[j]) else float(off[j])
-            flag = (share >= off_min) if share is not None else abs(d) >= d_min
+            bar = off_min.get(int(y), 0.5) if isinstance(off_min, dict) else off_min
+            flag = abs(d) >= d_min or (share is not None and share > bar)
             cands.append({"feature": int(j), "contribution": float(contrib[j]), "separation": d,
                           "off_object": share, "flagged": bool(flag)})
-        cands.sort(key=lambda c: -(c["off_object"] if c["off_object"] is not None else abs(c["separation"])))
+        cands.sort(key=lambda c: (not c["flagged"],
+                                  -(c["off_object"] if c["off_object"] is not None else abs(c["separation"]))))
         flagged = [c["feature"] for c in cands if c["flagged"]]
         rec: dict[str, Any] = {"candidates": cands, "flagged": flagged, "top_acc": None, "bottom_acc": None,
                                "gap": None}
         if flagged:
             sd = zy[:, flagged].std(0)
-            s = ((zy[:, flagged] - zy[:, flagged].mean(0)) / np.where(sd > 0, sd, 1.0)).mean(1)
+            sign = np.asarray([-1.0 if c["separation"] >= d_min else 1.0 for c in cands if c["flagged"]])
+            s = (sign * (zy[:, flagged] - zy[:, flagged].mean(0)) / np.where(sd > 0, sd, 1.0)).mean(1)
             scores[idx] = s
             order = np.argsort(-s, kind="stable")
             q = max(1, idx.size // 4)

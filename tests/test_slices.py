@@ -169,11 +169,32 @@ def test_off_object_shares_of_a_channel_map():
     model = Net().eval()
     adapter = ModelAdapter(model, layer=model.conv)
     ext = extract(adapter, ds, cams=False)
-    shares, how = off_object_shares(adapter, ds, ext)
+    shares, base, how = off_object_shares(adapter, ds, ext)
     for y in (0, 1):
         np.testing.assert_allclose(shares[y], [0.0, 1.0], atol=1e-6)
+        assert base[y] == pytest.approx(48 / 64)  # the background's area: a uniform map's share
     assert "conv" in how
     # a latent that is not the CAM layer's pool: no maps, a reason
     other = ModelAdapter(model, layer=model.conv, latent_fn=lambda x: torch.ones(x.shape[0], 2))
     ext2 = extract(other, ds, cams=False)
     assert off_object_shares(other, ds, ext2)[0] is None
+    # the per-class bar: 0.9 off the object is not spurious where the background is 95 % of the image
+    z = np.ones((4, 2))
+    sp = spuriosity(z, np.zeros(4, dtype=np.int64), np.zeros(4, dtype=np.int64), np.zeros(4, dtype=np.int64),
+                    np.ones((1, 2)), {0: 0}, m=2, off_object={0: np.array([0.9, 0.97])}, off_min={0: 0.95})
+    assert sp.classes[0]["flagged"] == [1]
+
+
+def test_spuriosity_orients_a_feature_higher_in_the_worst_slice():
+    """The flagged feature is HIGHER in the worst slice: a high spuriosity still means 'like the rest of the class'."""
+    rng = np.random.default_rng(7)
+    n = 80
+    minority = np.arange(n) < 20
+    z = np.abs(rng.normal(1.0, 0.1, (n, 2)))
+    z[:, 1] = np.where(minority, 3.0, 1.0) + rng.normal(0, 0.1, n)
+    labels = np.zeros(n, dtype=np.int64)
+    preds = np.where(minority, 1, 0)
+    sp = spuriosity(z, labels, preds, minority.astype(np.int64), np.ones((2, 2)), {0: 1}, m=2)
+    assert sp.classes[0]["flagged"] == [1] and sp.classes[0]["candidates"][0]["separation"] > 0.8
+    assert sp.scores[minority].max() < sp.scores[~minority].min()
+    assert sp.classes[0]["gap"] == pytest.approx(1.0)

@@ -73,16 +73,18 @@ class Slices(Check):
             sc["ari_per_class"] = {names[y]: v for y, v in sc["ari_per_class"].items()}
             sc["nmi_per_class"] = {names[y]: v for y, v in sc["nmi_per_class"].items()}
             disc.update(sc)
-        off, how = None, "the data has no object masks"
+        off, base, how = None, {}, "the data has no object masks"
         if ext.masks is not None:
             from analysis.slice_maps import off_object_shares
 
-            off, how = off_object_shares(ctx.adapter, ctx.dataset, ext, seed=s.seed,
-                                         batch_size=min(s.batch_size, 64))
-        disc["spurious_criterion"] = (f"off-object share >= 0.5 ({how})" if off is not None else
-                                      f"|Cohen's d| >= 0.8 between the worst slice and the rest ({how})")
+            off, base, how = off_object_shares(ctx.adapter, ctx.dataset, ext, seed=s.seed,
+                                               batch_size=min(s.batch_size, 64))
+        disc["spurious_criterion"] = "|Cohen's d| >= 0.8 between the class's worst slice and the rest" + (
+            f", or an off-object share of the feature's activation map above the background's area ({how})"
+            if off is not None else f" (no off-object test: {how})")
+        disc["off_object_baseline"] = {names[y]: v for y, v in base.items()} or None
         sp = spuriosity(ext.latents, ext.labels, ext.preds, res.slices, weights, worst_by_class,
-                        m=s.spurious_features, off_object=off)
+                        m=s.spurious_features, off_object=off, off_min=base or 0.5)
         ctx.entry["slices"] = res.table
         ctx.entry["discovery"] = disc
         ctx.entry["spuriosity"] = {names[y]: rec for y, rec in sp.classes.items()}
