@@ -265,6 +265,7 @@ def prepare(item: AuditTarget | nn.Module | str | os.PathLike[str], settings: Au
     else:
         adapter, ds, key, entry = _resolve_module(target, s)
     ext = extract(adapter, ds, max_samples=s.max_samples, seed=s.seed, batch_size=s.batch_size, cams=cams)
+    ext.meta["has_confounders"] = bool(getattr(ds, "has_confounders", True))
     if adapter.run is not None:
         ext.meta.update(run=str(adapter.run), algorithm=adapter.config.algorithm_name,
                         dataset=adapter.config.data.name, split=s.split)
@@ -304,5 +305,5 @@ def audit_one(item: AuditTarget | nn.Module | str | os.PathLike[str], settings: 
     timings.update(run_checks(ctx, resolve_checks(checks)))
     timings["total"] = time.time() - t0
     entry["seconds"] = timings
-    return ModelAudit(entry=entry, extraction=ext, env_extraction=prep.env_extraction, dataset=prep.dataset,
+    return ModelAudit(entry=entry, extraction=ext, env_extraction=ctx.env_extraction, dataset=prep.dataset,
                       dataset_key=prep.dataset_key, timings=timings, artifacts=ctx.artifacts)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor
 
@@ -220,13 +221,44 @@ def _imagefolder_labels(root: Path, csv_path: Path, paths: list[str]) -> tuple[l
     return list(label_names), np.asarray([files[os.path.normpath(p)] for p in paths], dtype=np.int64)
 
 
+def _scan_class_folders(root: Path) -> tuple[list[str], pd.DataFrame]:
+    """Class names and a table (``path``, ``label``) of a bare ``DIR/<class>/<image>`` tree (no CSV); DataError
+    naming the folder or file for no class folder, a single class, an empty class folder or a non-image file.
+    Hidden files (``.name``) are ignored, as are files directly in ``root``."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(f"--data {str(root)!r}: no class folders and no CSV ({str(root / 'metadata.csv')!r} does not "
+                        "exist); expected DIR/<class>/<image> or --csv FILE")
+    if len(classes) == 1:
+        raise DataError(f"--data {str(root)!r}: one class folder ({classes[0]!r}); expected at least two class "
+                        "folders DIR/<class>/<image> (a classifier's audit compares classes)")
+    paths, labels = [], []
+    for y, name in enumerate(classes):
+        files = sorted(f for f in (root / name).rglob("*") if f.is_file() and not f.name.startswith("."))
+        if not files:
+            raise DataError(f"class folder {str(root / name)!r} is empty; expected at least one image in every class "
+                            f"folder of {str(root)!r}")
+        other = [f for f in files if not f.name.lower().endswith(IMG_EXTENSIONS)]
+        if other:
+            raise DataError(f"file {str(other[0])!r} is not an image ({len(other)} such in {str(root / name)!r}); "
+                            f"expected only image files ({', '.join(IMG_EXTENSIONS)}) in the class folders")
+        paths += [str(f) for f in files]
+        labels += [y] * len(files)
+    return classes, pd.DataFrame({"path": paths, "label": np.asarray(labels, dtype=np.int64)})
+
+
 class FolderDataset(ImageFileDataset):
     """Images on disk plus a CSV, as ``ex2l audit --data DIR --csv FILE`` reads them; images in [0, 1].
 
-    Two layouts, told apart by the CSV's columns:
+    Three layouts:
 
-    * **CSV folder**: columns ``path, label, confounder[, env][, mask][, split]`` (the ``csv`` dataset's layout,
-      plus an optional mask);
+    * **bare class folders**: ``DIR/<class>/<image>`` and no CSV (``csv`` None and no ``DIR/metadata.csv``): the
+      label is the class folder (sorted), and there is no confounder (``has_confounders`` False: the audit groups
+      by its discovered slices instead, :mod:`analysis.checks.slices`);
+    * **CSV folder**: columns ``path, label[, confounder][, env][, mask][, split]`` (the ``csv`` dataset's layout,
+      plus an optional mask; without ``confounder``, ``has_confounders`` is False);
     * **ImageFolder tree**: ``DIR/<class>/<image>`` (torchvision's ``ImageFolder``: the label is the class
       folder, classes in sorted order) and a CSV with ``path, confounder[, env][, mask][, split]`` giving each
       file's confounder. Every image of the tree must have a row, and every row an image.
@@ -243,13 +275,17 @@ class FolderDataset(ImageFileDataset):
     splits = ("train", "val", "test", "all")
 
     def __init__(self, root: str | os.PathLike[str], csv: str | os.PathLike[str] | None = None, *,
-                 split: str = "all", image_size: int = 224) -> None:
-        root_path = Path(root).expanduser()
+                 split: str = "all", image_size: int = 224, skip_unreadable: bool = False) -> None:
+        root_path = Path(root).expanduser().absolute()  # a relative DIR: from the working directory, once
         if not root_path.is_dir():
             raise DataError(f"--data {str(root_path)!r} is not a folder; expected the images' root folder")
         csv_path = resolve_csv(root_path, csv)
-        read = read_image_table(csv_path, root_path, require_label=False, path_columns=("mask",),
-                                what="columns path, [label,] confounder[, env][, mask][, split]")
+        if csv is None and not csv_path.is_file():
+            self._init_bare(root_path, split, image_size, skip_unreadable)
+            return
+        read = read_image_table(csv_path, root_path, require_label=False, require_confounder=False,
+                                path_columns=("mask",),
+                                what="columns path, [label,] [confounder][, env][, mask][, split]")
         rows = read.rows.copy()
         if read.label_names is not None:
             self.layout, label_names = "csv", read.label_names
@@ -269,13 +305,31 @@ class FolderDataset(ImageFileDataset):
             rows = rows[rows["split"] == split]
         table = rows.drop(columns="split", errors="ignore")
         conf_names, env_names = read.confounder_names, read.env_names
-        table, _ = check_missing_files(table, False, str(csv_path))
+        table, _ = check_missing_files(table, skip_unreadable, str(csv_path))
         self.root, self.csv, self.image_size = str(root_path), str(csv_path), int(image_size)
         self.has_masks = "mask" in table.columns
+        self.has_confounders = read.has_confounder
         super().__init__("test" if split == "all" else split, table, label_names, conf_names, env_names,
-                         make_transform(self.image_size, normalize=False), normalize=False)
+                         make_transform(self.image_size, normalize=False), skip_unreadable, normalize=False)
         self.split = split
         self._masks = self.table["mask"].tolist() if self.has_masks else None
+
+    def _init_bare(self, root: Path, split: str, image_size: int, skip_unreadable: bool) -> None:
+        """The bare ``DIR/<class>/<image>`` layout: labels from the folders, no confounder, no masks."""
+        if split != "all":
+            raise DataError(f"split {split!r}: --data {str(root)!r} has no CSV, hence no 'split' column; audit every "
+                            "image (split 'all') or give a CSV with a split column")
+        self.layout = "bare"
+        label_names, table = _scan_class_folders(root)
+        table = table.assign(confounder=0, env=0)
+        self.root, self.csv, self.image_size = str(root), None, int(image_size)
+        self.has_masks, self.has_confounders = False, False
+        super().__init__("test", table, label_names, ["none"], ["none"],
+                         make_transform(self.image_size, normalize=False), skip_unreadable, normalize=False)
+        if len(self.table) == 0:
+            raise DataError(f"--data {str(root)!r}: every image was unreadable and skipped; nothing to audit")
+        self.split = split
+        self._masks = None
 
     def load(self, index: int) -> tuple[Tensor, Tensor | None]:
         """The image (3xSxS in [0, 1]) and, with a mask column, its mask (1xSxS, 1 = object)."""

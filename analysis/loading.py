@@ -188,6 +188,31 @@ def load_model(spec: str, weights: str | os.PathLike[str] | None = None, *, num_
     return model, info
 
 
+WHERE_NAMES = ("a torchvision model name (e.g. resnet18, resnet50, efficientnet_b0, vit_b_16; the full list: "
+               "torchvision.models.list_models()), timm:NAME (a timm model: timm.list_models()), or a TorchScript "
+               "file (torchscript:PATH or an existing PATH)")
+
+
+def check_model_spec(spec: str) -> None:
+    """Raise one clear error when ``spec`` names no model :func:`load_model` can build (an unknown torchvision name,
+    a missing TorchScript file), listing where names come from."""
+    kind, _, name = spec.partition(":") if ":" in spec else ("", "", spec)
+    if not kind:
+        if Path(spec).is_file():
+            return
+        kind = "torchvision"
+    if kind == "torchvision":
+        import torchvision
+
+        if name not in torchvision.models.list_models():
+            raise Ex2lError(f"--model {spec}: unknown model name {name!r}; expected {WHERE_NAMES}")
+    elif kind == "torchscript":
+        if not Path(name).is_file():
+            raise Ex2lError(f"--model {spec}: TorchScript file {name!r} does not exist; expected {WHERE_NAMES}")
+    elif kind != "timm":
+        raise Ex2lError(f"--model {spec}: unknown kind {kind!r}; expected {WHERE_NAMES}")
+
+
 def external_targets(
     specs: Sequence[str],
     weights: Sequence[str] = (),
@@ -201,6 +226,7 @@ def external_targets(
     layer: str | None = None,
     num_classes: int | None = None,
     device: str | torch.device = "cpu",
+    skip_unreadable: bool = False,
 ) -> list[Any]:
     """:class:`~analysis.audit.AuditTarget` objects for models trained elsewhere on a folder of images + CSV (what
     ``ex2l audit --model ... --data ...`` audits).
@@ -208,7 +234,9 @@ def external_targets(
     ``specs[i]`` is loaded by :func:`load_model`; the torchvision and timm specs take the ``weights`` files in
     order (a TorchScript file takes none). ``data``/``csv``/``split``/``image_size`` build one
     :class:`analysis.datasets.FolderDataset` shared by every model (``split`` None: the CSV's ``test`` rows when it
-    has a ``split`` column, else every row). ``layer``: the CAM layer's module path (default: found per model).
+    has a ``split`` column, else every row; a bare ``DIR/<class>/<image>`` tree without CSV: every image).
+    ``skip_unreadable``: skip (and count in the log) image files that are missing or cannot be decoded.
+    ``layer``: the CAM layer's module path (default: found per model).
     """
     from analysis.audit import AuditTarget
     from analysis.datasets import FolderDataset
@@ -217,15 +245,19 @@ def external_targets(
         raise Ex2lError("--model: expected at least one model")
     if names and len(names) != len(specs):
         raise Ex2lError(f"--name: {len(names)} names for {len(specs)} models (give one per --model)")
+    for spec in specs:  # an unknown name fails before any file is read
+        check_model_spec(spec)
     if split is None:
         from ex2l_xai.data.base import read_csv
+        from ex2l_xai.data.table import resolve_csv
 
-        path = Path(csv).expanduser() if csv is not None else Path(data).expanduser() / "metadata.csv"
-        if not path.is_absolute() and not path.exists():
-            path = Path(data).expanduser() / path
-        cols = read_csv(path, ["path"], "columns path, [label,] confounder[, env][, mask][, split]").columns
-        split = "test" if "split" in cols else "all"
-    dataset = FolderDataset(data, csv, split=split, image_size=image_size)
+        path = resolve_csv(Path(data).expanduser().absolute(), csv)  # DIR joined once (DIR/metadata.csv)
+        if csv is None and not path.is_file():
+            split = "all"  # a bare DIR/<class>/<image> tree: every image
+        else:
+            cols = read_csv(path, ["path"], "columns path, [label,] [confounder][, env][, mask][, split]").columns
+            split = "test" if "split" in cols else "all"
+    dataset = FolderDataset(data, csv, split=split, image_size=image_size, skip_unreadable=skip_unreadable)
     n_classes = num_classes or dataset.n_labels
     queue = list(weights)
     targets = []

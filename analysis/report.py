@@ -6,9 +6,10 @@
       report.html     self-contained (figures embedded as base64 PNG; no external CSS, JS or fonts)
       audit.json      {"runs": [one entry per model: mmd_env, leakage, cam_overlap, cam_in_mask, zero_cam_share,
                                  pointing_game, avg_acc, worst_group_acc, mean_group_acc, per_group,
-                                 interventions, bg_gap, cam_sanity, ...], ...}
+                                 interventions, bg_gap, cam_sanity, slices, discovery, spuriosity, ...], ...}
+      slices.csv      one row per audited image and model: model, index, path, label, slice, spuriosity
       figures/        fig1_gradcam_grid.png, fig1b_gradcam_disagreement.png, fig2_umap.png, fig3_umap_env.png,
-                      fig4_interventions.png, fig5_cam_sanity.png
+                      fig4_interventions.png, fig5_cam_sanity.png, fig6_slices.png, fig7_spuriosity.png
 
 This module orchestrates: each model's numbers come from :func:`analysis.audit.audit_one` (the checks of
 :mod:`analysis.checks`, run by one loop), the figures from each check's ``figures`` over all models, the HTML from
@@ -36,6 +37,7 @@ from analysis.checks.cam_sanity import FILE as SANITY_FILE
 from analysis.checks.gradcam import FILES as GRADCAM_FILES
 from analysis.checks.interventions import FILE as INTERVENTIONS_FILE
 from analysis.checks.latent_space import FILES as UMAP_FILES
+from analysis.checks.slices import FILES as SLICE_FILES
 from analysis.html import render_html
 from analysis.settings import DEMO, AuditSettings
 from ex2l_xai.errors import Ex2lError
@@ -49,7 +51,8 @@ __all__ = ["AUDIT_VERSION", "AuditSettings", "AuditTarget", "DEMO_SETTINGS", "FI
 
 AUDIT_VERSION = 1
 #: The figure files of the built-in checks, by figure key (each check module owns its own file names).
-FIGURES = {**GRADCAM_FILES, **UMAP_FILES, "interventions": INTERVENTIONS_FILE, "cam_sanity": SANITY_FILE}
+FIGURES = {**GRADCAM_FILES, **UMAP_FILES, "interventions": INTERVENTIONS_FILE, "cam_sanity": SANITY_FILE,
+           **SLICE_FILES}
 #: The options of the report ``ex2l demo`` writes that differ from the defaults (:data:`analysis.settings.DEMO`).
 DEMO_SETTINGS: dict[str, Any] = {k: v for k, v in DEMO.dump().items() if v != AuditSettings().dump()[k]}
 
@@ -182,10 +185,29 @@ def audit(
         "seconds": fc.timings,
     })
     atomic_write_json(out / "audit.json", data)
+    _write_slices_csv(audits, out / "slices.csv")
     images = {k: (out / v).read_bytes() for k, v in figures.items()}
     atomic_write(out / "report.html", render_html(data, images, sections=_sections(chosen, data)))
     log.info("audit: wrote %s in %.1f s", out / "report.html", time.time() - start)
     return {**data, "report": str(out / "report.html")}
+
+
+def _write_slices_csv(audits: Sequence[ModelAudit], path: Path) -> None:
+    """``slices.csv``: one row per audited image and model (:func:`analysis.checks.slices.slice_rows`); written
+    whenever the slice check ran on some model."""
+    import csv
+    import io
+
+    from analysis.checks.slices import slice_rows
+
+    rows = [r for a in audits for r in slice_rows(a)]
+    if not rows:
+        return
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+    atomic_write(path, buf.getvalue())
 
 
 def _sections(checks: Sequence[Check], data: dict[str, Any]) -> list[Any]:

@@ -58,6 +58,10 @@ class AuditSettings:
     umap_epochs: int | None = _opt(None, "--umap-epochs", "UMAP epochs (default: UMAP's own, 200 for large samples and 500 for small)", metavar="N")
     umap_neighbors: int = _opt(15, None, "UMAP neighbourhood size")
     embedding: str = _opt("umap", None, "2-D embedding of the latents: umap or pca", choices=EMBEDDINGS)
+    slice_k_max: int = _opt(6, None, "slice discovery: the most slices per class (k is chosen in 1..slice_k_max by BIC)")
+    slice_min_size: int = _opt(5, None, "slice discovery: the fewest images a slice may hold")
+    slice_dims: int = _opt(8, None, "slice discovery: PCA components the class's latents are reduced to")
+    spurious_features: int = _opt(5, None, "spuriosity: the head's top features per class that are candidates")
     reference: int | str = _opt(0, None, "the model the gaming warnings compare with (index or name)")
 
     def __post_init__(self) -> None:
@@ -69,6 +73,9 @@ class AuditSettings:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise Ex2lError(f"{name}: expected a positive integer or None, got {v!r}")
+        for name in ("slice_k_max", "slice_min_size", "slice_dims", "spurious_features"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise Ex2lError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
         if self.sanity_steps < 1:
             raise Ex2lError(f"sanity_steps: expected at least 1, got {self.sanity_steps}")
 

@@ -214,10 +214,13 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--weights", action="append", default=[], metavar="FILE",
                    help="state dict (torch.save(model.state_dict())) of each torchvision/timm --model, in order")
     g.add_argument("--name", action="append", default=[], metavar="NAME", help="display name of each --model")
-    g.add_argument("--data", metavar="DIR", help="the images: DIR/<class>/<image> (ImageFolder) or any folder "
-                   "with a CSV that has a label column")
-    g.add_argument("--csv", metavar="FILE", help="per image: path, [label,] confounder[, env][, mask][, split] "
-                   "(default DIR/metadata.csv)")
+    g.add_argument("--data", metavar="DIR", help="the images: DIR/<class>/<image> (ImageFolder; no CSV needed) or "
+                   "any folder with a CSV that has a label column")
+    g.add_argument("--csv", metavar="FILE", help="per image: path, [label,] [confounder][, env][, mask][, split] "
+                   "(default DIR/metadata.csv; without it, DIR/<class>/<image> with no confounder: the audit groups "
+                   "by the slices it discovers)")
+    g.add_argument("--skip-unreadable", action="store_true", help="skip image files that are missing or cannot "
+                   "be decoded (their count is logged) instead of stopping at the first")
     g.add_argument("--image-size", type=int, default=224, metavar="N", help="images are resized to N x N "
                    "(default 224)")
     g.add_argument("--normalize", default="auto", metavar="STATS",
@@ -273,9 +276,10 @@ def _audit_items(args: argparse.Namespace) -> list[Any]:
             raise Ex2lError("--model: needs --data DIR (the images to audit it on, with their CSV)")
         items += external_targets(args.model, args.weights, data=args.data, csv=args.csv, names=args.name,
                                   split=args.split, image_size=args.image_size, normalize=args.normalize,
-                                  layer=args.layer, num_classes=args.num_classes, device=args.device or "cpu")
-    elif args.weights or args.data or args.name:
-        raise Ex2lError("--weights/--data/--name: only with --model")
+                                  layer=args.layer, num_classes=args.num_classes, device=args.device or "cpu",
+                                  skip_unreadable=args.skip_unreadable)
+    elif args.weights or args.data or args.name or args.skip_unreadable:
+        raise Ex2lError("--weights/--data/--name/--skip-unreadable: only with --model")
     return items
 
 

@@ -228,8 +228,12 @@ def test_folder_dataset_errors(tree, tmp_path: Path) -> None:
     with pytest.raises(Ex2lError, match="has no row in"):
         FolderDataset(root, tmp_path / "short.csv", image_size=SIZE)
     table.drop(columns="confounder").to_csv(tmp_path / "noconf.csv", index=False)
-    with pytest.raises(Ex2lError, match="lacks column 'confounder'"):
-        FolderDataset(root, tmp_path / "noconf.csv", image_size=SIZE)
+    # issue 21: no confounder column is an audit of unlabelled data (the slices take its place), not an error
+    noconf = FolderDataset(root, tmp_path / "noconf.csv", image_size=SIZE)
+    assert not noconf.has_confounders and set(noconf.confounders.tolist()) == {0}
+    table.drop(columns="path").to_csv(tmp_path / "nopath.csv", index=False)
+    with pytest.raises(Ex2lError, match="lacks column 'path'"):
+        FolderDataset(root, tmp_path / "nopath.csv", image_size=SIZE)
 
 
 def test_waterbirds_with_cub_segmentations(tmp_path: Path) -> None:

@@ -99,7 +99,7 @@ def test_the_default_max_samples_is_written_once() -> None:
 # ---- the registry and the loop -------------------------------------------------------------------------------
 def test_default_checks_in_order() -> None:
     names = [c.name for c in default_checks()]
-    assert names == ["gradcam", "random_network", "latent_space", "leakage", "localization", "interventions",
+    assert names == ["gradcam", "random_network", "slices", "latent_space", "leakage", "localization", "interventions",
                      "cam_sanity", "accuracy"]
     assert [c.name for c in resolve_checks(["accuracy", "leakage"])] == ["accuracy", "leakage"]
     with pytest.raises(Ex2lError, match="unknown check 'nope'.*accuracy"):

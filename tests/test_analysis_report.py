@@ -99,17 +99,19 @@ def test_report_html_is_self_contained(audited: tuple[Path, dict[str, Any]]) -> 
     srcs = re.findall(r'<img src="data:image/png;base64,([^"]+)"', text)
     assert len(srcs) == len(FIGURES)  # three models on the synthetic benchmark: every figure, both causal ones too
     for s, name in zip(srcs, ("fig4_interventions", "fig1_gradcam_grid", "fig1b_gradcam_disagreement",
-                              "fig5_cam_sanity", "fig2_umap", "fig3_umap_env"), strict=True):
+                              "fig5_cam_sanity", "fig2_umap", "fig3_umap_env", "fig6_slices", "fig7_spuriosity"),
+                       strict=True):
         assert base64.b64decode(s) == (out / "figures" / f"{name}.png").read_bytes(), name  # in section order
     for words in ("Worst-group", "How to read this", "MMD", "Within-label leak", "Decision-level leak",
                   "CAM in object", "Label–confounder overlap", "Zero-CAM share", "auditing_metrics.md",
                   "Background swaps", "BG-gap", "Accuracy of each class on each background", "Flip rate",
-                  "CAM sanity check", "Adebayo et al. 2018", "How to read it"):
+                  "CAM sanity check", "Adebayo et al. 2018", "How to read it", "Discovered slices and spuriosity"):
         assert words in text, words
     data = json.loads((out / "audit.json").read_text())
     for r in data["runs"]:  # the report shows the numbers of audit.json
         assert f"{100 * r['interventions']['mixed_rand_acc']:.1f}%" in text
         assert f"ρ {r['cam_sanity']['steps'][-1]['spearman']:.2f}" in text
+        assert f"{r['discovery']['ari']:.2f} / {r['discovery']['nmi']:.2f}" in text  # the slice table
     assert "report.css" not in text and "--accent" in text  # the stylesheet is inlined
 
 

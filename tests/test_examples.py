@@ -86,3 +86,17 @@ def test_audit_any_model_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert entry["cam_sanity"]["available"] and (tmp_path / "audit" / "report.html").is_file()
     for png in (tmp_path / "audit" / "figures").glob("*.png"):
         drawn(png_pixels(png))
+
+
+def test_audit_an_image_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = _example("audit_an_image_folder").main(["--out", str(tmp_path), "--per-group", "3", "--size", "32"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    n = int(out.split(" images,")[0].split()[-1])
+    assert f"{n} rows in slices.csv" in out and "slices per class" in out
+    audit = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    entry = audit["runs"][0]
+    assert entry["discovery"]["groups"] == "slices" and sum(s["size"] for s in entry["slices"]) == n
+    assert all((tmp_path / "images" / p).is_dir() for p in entry["discovery"]["k"])
+    for png in (tmp_path / "audit" / "figures").glob("*.png"):
+        drawn(png_pixels(png))

@@ -4,8 +4,8 @@ Every module of this package that defines a :class:`~analysis.checks.base.Check`
 :func:`~analysis.checks.base.register` is found here (no list to edit): adding a check is adding one file.
 :func:`default_checks` gives one instance of each, in run order (``order``, then name)::
 
-    gradcam (0)  random_network (10)  mmd (20)  probes (30)  localization (40)  interventions (50)
-    cam_sanity (60)  accuracy (70)
+    gradcam (0)  random_network (10)  slices (15)  latent_space (20)  leakage (30)  localization (40)
+    interventions (50)  cam_sanity (60)  accuracy (70)
 """
 
 from __future__ import annotations

@@ -26,8 +26,10 @@ class LatentSpace(Check):
     order = 20
 
     def run(self, ctx: CheckContext) -> None:
+        from analysis.checks.slices import skip_if_inferred
         from analysis.mmd import mmd_env
 
+        skip_if_inferred(ctx, "an MMD across them")
         env_ext = ctx.env_extraction
         mmd = mmd_env(env_ext.latents, env_ext.envs, seed=ctx.settings.seed)
         ctx.entry["mmd_env"] = mmd["mmd_env"]
@@ -47,8 +49,9 @@ class LatentSpace(Check):
         env_exts = [a.env_extraction for a in fc.audits]
         method, note = s.embedding, None
         try:
-            embeddings = [embed(e.latents, method=method, seed=s.seed, n_epochs=s.umap_epochs,
-                                n_neighbors=s.umap_neighbors) for e in env_exts]
+            embeddings = [_reused(a, method) if _reused(a, method) is not None else
+                          embed(a.env_extraction.latents, method=method, seed=s.seed, n_epochs=s.umap_epochs,
+                                n_neighbors=s.umap_neighbors) for a in fc.audits]
         except Ex2lError as exc:
             if method != "umap":
                 raise
@@ -66,3 +69,11 @@ class LatentSpace(Check):
             embedding_figure(env_exts, embeddings, path, colour_by=colour_by, mmd=mmds, method=method, seed=s.seed)
         fc.timings["umap_figures"] = time.time() - t
         return out
+
+
+def _reused(audit: object, method: str) -> object:
+    """The embedding the slice figure already made of the same extraction with the same method (same call: the
+    same numbers), or None (:func:`analysis.slice_plots.embedding_of`)."""
+    cached = audit.artifacts.get("embedding")  # type: ignore[attr-defined]
+    same = audit.env_extraction is audit.extraction  # type: ignore[attr-defined]
+    return cached[1] if same and cached is not None and cached[0] == method else None

@@ -19,8 +19,10 @@ class Leakage(Check):
     def run(self, ctx: CheckContext) -> None:
         from threadpoolctl import threadpool_limits
 
+        from analysis.checks.slices import skip_if_inferred
         from analysis.probes import leakage
 
+        skip_if_inferred(ctx, "a linear probe")
         ext, s = ctx.extraction, ctx.settings
         with threadpool_limits(limits=1):
             leak = leakage(ext.latents, ext.labels, ext.confounders, logits=ext.logits,

@@ -276,7 +276,8 @@ def read_image(path: str) -> Image.Image:
     except (OSError, SyntaxError, ValueError) as e:  # PIL raises OSError for truncated/unidentified files
         raise DataError(
             f"cannot read image {path!r} ({e}); expected a readable PNG or JPEG file "
-            f"(pass skip_unreadable=True to skip such files)"
+            f"(to skip such files: `ex2l audit --skip-unreadable`, `ex2l train --set data.options.skip_unreadable=true`, "
+            "or skip_unreadable=True in Python)"
         ) from e
 
 
@@ -352,7 +353,8 @@ def check_missing_files(table: pd.DataFrame, skip: bool, where: str) -> tuple[pd
         first = table["path"][~exists].iloc[0]
         raise DataError(
             f"image file {first!r} listed in {where} does not exist ({n_missing} missing); expected "
-            "an existing image file (pass skip_unreadable=True to skip missing files)"
+            "an existing image file (to skip missing files: `ex2l audit --skip-unreadable`, "
+            "`ex2l train --set data.options.skip_unreadable=true`, or skip_unreadable=True in Python)"
         )
     if n_missing:
         log.warning("skipped %d missing image file(s) listed in %s", n_missing, where)

@@ -158,6 +158,7 @@ class ImageTable:
     label_names: list[str] | None
     confounder_names: list[str]
     env_names: list[str]
+    has_confounder: bool = True
 
     @property
     def has_split(self) -> bool:
@@ -178,6 +179,7 @@ def read_image_table(
     root: str | os.PathLike[str],
     *,
     require_label: bool = True,
+    require_confounder: bool = True,
     label_names: Sequence[str] | None = None,
     confounder_names: Sequence[str] | None = None,
     env_names: Sequence[str] | None = None,
@@ -188,10 +190,19 @@ def read_image_table(
 
     ``require_label=False`` reads a table whose labels come from elsewhere (an ImageFolder tree): its ``label``
     column is read when present. ``path_columns`` are other columns of paths (``mask``), resolved like ``path``
-    when present. ``what`` describes the expected columns in errors."""
+    when present. ``require_confounder=False`` reads a table without a ``confounder`` column (an audit of data nobody
+    labelled): every row gets confounder 0 (name ``"none"``) and ``has_confounder`` is False. ``what`` describes
+    the expected columns in errors."""
     root_path = Path(root)
-    required = ["path", "label", "confounder"] if require_label else ["path", "confounder"]
+    required = ["path"] + (["label"] if require_label else []) + (["confounder"] if require_confounder else [])
     df = read_csv(csv, required, what)
+    has_confounder = "confounder" in df.columns
+    if not has_confounder:
+        if "env" in df.columns:
+            raise DataError(f"CSV file {str(csv)!r} has an 'env' column but no 'confounder' column; expected both "
+                            "or neither")
+        df = df.assign(confounder=0)
+        confounder_names = ["none"]
     rows = pd.DataFrame({"path": [_resolve(root_path, p) for p in df["path"]]})
     lnames = None
     if "label" in df.columns:
@@ -206,7 +217,7 @@ def read_image_table(
     for col in path_columns:
         if col in df.columns:
             rows[col] = [_resolve(root_path, p) for p in df[col]]
-    return ImageTable(Path(csv), rows, lnames, cnames, enames)
+    return ImageTable(Path(csv), rows, lnames, cnames, enames, has_confounder)
 
 
 def _resolve(root: Path, p: Any) -> str:
