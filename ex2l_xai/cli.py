@@ -213,6 +213,8 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
                    "(torchscript:PATH)")
     g.add_argument("--weights", action="append", default=[], metavar="FILE",
                    help="state dict (torch.save(model.state_dict())) of each torchvision/timm --model, in order")
+    g.add_argument("--pretrained", action="store_true", help="timm:NAME and torchvision models: the library's own "
+                   "pretrained weights (downloaded or from its cache; with their own classes) instead of --weights")
     g.add_argument("--name", action="append", default=[], metavar="NAME", help="display name of each --model")
     g.add_argument("--data", metavar="DIR", help="the images: DIR/<class>/<image> (ImageFolder) or any folder "
                    "with a CSV that has a label column")
@@ -240,7 +242,8 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
 #: The options of ``ex2l audit`` that are fields of ``analysis.settings.AuditSettings`` (flag, default and help
 #: come from the field; none is written out here).
 AUDIT_OPTIONS = ("max_samples", "intervention_samples", "sanity_samples", "sanity_steps", "seed", "device", "rule",
-                 "n_rows", "umap_epochs")
+                 "n_rows", "umap_epochs", "cam_variants", "faithfulness", "faith_steps", "faith_samples",
+                 "faith_baseline")
 
 
 def _add_settings(p: argparse.ArgumentParser, names: tuple[str, ...] = AUDIT_OPTIONS) -> None:
@@ -273,9 +276,10 @@ def _audit_items(args: argparse.Namespace) -> list[Any]:
             raise Ex2lError("--model: needs --data DIR (the images to audit it on, with their CSV)")
         items += external_targets(args.model, args.weights, data=args.data, csv=args.csv, names=args.name,
                                   split=args.split, image_size=args.image_size, normalize=args.normalize,
-                                  layer=args.layer, num_classes=args.num_classes, device=args.device or "cpu")
-    elif args.weights or args.data or args.name:
-        raise Ex2lError("--weights/--data/--name: only with --model")
+                                  layer=args.layer, num_classes=args.num_classes, device=args.device or "cpu",
+                                  pretrained=args.pretrained)
+    elif args.weights or args.data or args.name or args.pretrained:
+        raise Ex2lError("--weights/--data/--name/--pretrained: only with --model")
     return items
 
 
