@@ -55,13 +55,14 @@ def _upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
 
 def pixel_ranks(maps: Tensor | np.ndarray, size: tuple[int, int], seed: int = 0) -> Tensor:
     """(B, H*W) rank of every pixel, 0 = most relevant: ``maps`` (B, h, w) upsampled bilinearly to ``size`` and
-    sorted in decreasing order, ties (a flat or all-zero map) in a random order seeded by ``seed``."""
+    sorted in decreasing order, ties (a flat or all-zero map) in a random order seeded by ``seed`` (the same for
+    every map, so equal maps give equal ranks)."""
     m = _upsample(torch.as_tensor(np.asarray(maps) if not isinstance(maps, Tensor) else maps), size)
     flat = m.reshape(m.shape[0], -1).cpu().numpy()
-    rng = np.random.default_rng(seed)
+    tie = np.random.default_rng(seed).random(flat.shape[1])  # one tie-break for all: equal maps, equal ranks
     ranks = np.empty(flat.shape, dtype=np.int64)
     for b, row in enumerate(flat):
-        order = np.lexsort((rng.random(row.size), -row))  # last key first: relevance, then the random tie-break
+        order = np.lexsort((tie, -row))  # last key first: relevance, then the random tie-break
         ranks[b, order] = np.arange(row.size)
     return torch.from_numpy(ranks)
 
@@ -129,7 +130,8 @@ def deletion_insertion(predict: Predict, x: Tensor, ranks: Tensor, target: Tenso
 def noisy_linear_impute(image: np.ndarray, removed: np.ndarray, *, noise: float = 0.01,
                         rng: np.random.Generator | None = None) -> np.ndarray:
     """ROAD's noisy linear imputation of ``image`` (C, H, W) at the pixels where ``removed`` (H, W) is True: all
-    channels at once (one sparse system, C right-hand sides), Gaussian noise of sd ``noise`` on the imputed
+    channels (or the channels of several images sharing the mask, stacked) at once (one sparse system, C
+    right-hand sides), Gaussian noise of sd ``noise`` on the imputed
     values (0: none). The other pixels are returned unchanged."""
     from scipy.sparse import csc_matrix
     from scipy.sparse.linalg import splu
@@ -173,6 +175,14 @@ def noisy_linear_impute(image: np.ndarray, removed: np.ndarray, *, noise: float 
     return out.reshape(image.shape).astype(image.dtype)
 
 
+def _same_masks(masks: np.ndarray) -> list[np.ndarray]:
+    """Indices of the images that share a mask, one array per distinct mask."""
+    groups: dict[bytes, list[int]] = {}
+    for i, m in enumerate(masks):
+        groups.setdefault(np.packbits(m).tobytes(), []).append(i)
+    return [np.asarray(g) for g in groups.values()]
+
+
 def road(predict: Predict, x: Tensor, ranks: Tensor, target: Tensor, *,
          percentages: tuple[int, ...] = ROAD_PERCENTAGES, noise: float = 0.01, seed: int = 0,
          batch_size: int = 64) -> dict[str, np.ndarray]:
@@ -189,7 +199,11 @@ def road(predict: Predict, x: Tensor, ranks: Tensor, target: Tensor, *,
             raise Ex2lError(f"road percentages: expected values in (0, 100), got {p}")
         k = int(round(p / 100 * n_pix))
         for order, removed in (("morf", rk < k), ("lerf", rk >= n_pix - k)):
-            imputed = np.stack([noisy_linear_impute(imgs[i], removed[i], noise=noise, rng=rng) for i in range(b)])
+            imputed = np.empty_like(imgs)
+            for group in _same_masks(removed):  # one factorisation per distinct mask (the centre prior: one)
+                planes = imgs[group].reshape(-1, h, w)
+                imputed[group] = noisy_linear_impute(planes, removed[group[0]], noise=noise,
+                                                     rng=rng).reshape(imgs[group].shape)
             res[order].append(_probs(predict, torch.from_numpy(imputed).to(x.device), target, batch_size))
     return {k: torch.stack(v, 1).numpy() for k, v in res.items()}
 

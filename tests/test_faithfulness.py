@@ -117,3 +117,25 @@ def test_helpers() -> None:
     assert b.shape == x.shape and b.std() < x.std() / 2
     with pytest.raises(Ex2lError, match="faith_baseline"):
         baseline_images(x, "zeros")
+
+
+def test_road_shares_one_factorisation_between_equal_masks(monkeypatch: pytest.MonkeyPatch) -> None:
+    import analysis.faithfulness as faith
+
+    x = _images(4)
+    model = Quadrant()
+    target = model(x).argmax(1)
+    seen = []
+    real = faith.noisy_linear_impute
+
+    def counting(image, removed, **kw):
+        seen.append(image.shape[0])
+        return real(image, removed, **kw)
+
+    monkeypatch.setattr(faith, "noisy_linear_impute", counting)
+    shared = faith.road(model, x, pixel_ranks(centre_maps(4, (8, 8)), (SIZE, SIZE)), target, percentages=(30,),
+                        noise=0.0)
+    assert seen == [12, 12]  # MoRF and LeRF: one system each for the 4 images x 3 channels
+    one = [faith.road(model, x[i:i + 1], pixel_ranks(centre_maps(1, (8, 8)), (SIZE, SIZE)), target[i:i + 1],
+                      percentages=(30,), noise=0.0)["morf"][0, 0] for i in range(4)]
+    np.testing.assert_allclose(shared["morf"][:, 0], one, atol=1e-5)
