@@ -119,11 +119,14 @@ def deletion_insertion(predict: Predict, x: Tensor, ranks: Tensor, target: Tenso
     b, _, h, w = x.shape
     n_pix = h * w
     rk = ranks.to(x.device).reshape(b, 1, h, w)
-    dele, ins = [], []
-    for k in range(steps + 1):
+    intact, blank = _probs(predict, x, target, batch_size), _probs(predict, baseline, target, batch_size)
+    dele, ins = [intact], [blank]  # k = 0 and k = steps are the intact image and the baseline: computed once
+    for k in range(1, steps):
         removed = rk < int(round(k / steps * n_pix))
         dele.append(_probs(predict, torch.where(removed, baseline, x), target, batch_size))
         ins.append(_probs(predict, torch.where(removed, x, baseline), target, batch_size))
+    dele.append(blank)
+    ins.append(intact)
     return torch.stack(dele, 1).numpy(), torch.stack(ins, 1).numpy()
 
 

@@ -112,7 +112,7 @@ class AuditSettings:
 
 #: What ``ex2l demo`` audits with (fast: subsamples, fewer UMAP epochs, a short sanity cascade).
 DEMO = AuditSettings(max_samples=480, umap_epochs=200, intervention_samples=64, sanity_samples=16, sanity_steps=4,
-                     faith_samples=32)
+                     faith_samples=16)
 
 
 class RepeatOption(argparse.Action):
