@@ -106,8 +106,8 @@ class AuditSettings:
         return dataclasses.replace(self, **changes)
 
     def dump(self) -> dict[str, Any]:
-        """Every option and its value (JSON-ready): ``audit.json``'s ``settings``."""
-        return dataclasses.asdict(self)
+        """Every option and its value (JSON-ready: a tuple as a list): ``audit.json``'s ``settings``."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 #: What ``ex2l demo`` audits with (fast: subsamples, fewer UMAP epochs, a short sanity cascade).

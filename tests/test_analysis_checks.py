@@ -74,7 +74,7 @@ def test_cli_defaults_are_the_settings_fields() -> None:
     s = _settings(args, split="test")
     assert s.cam_variants == ("hirescam", "gradcam++") and not s.faithfulness
     assert (s.faith_steps, s.faith_baseline, s.faith_samples) == (12, "mean", 64)
-    assert s.dump()["cam_variants"] == ("hirescam", "gradcam++")
+    assert s.dump()["cam_variants"] == ["hirescam", "gradcam++"]  # JSON-ready: the demo compares it with audit.json
     for bad in (["--cam", "gradcam3"], ["--faith-steps", "7"]):
         with pytest.raises((SystemExit, Ex2lError)):
             _settings(build_parser().parse_args(["audit", "--out", "x", *bad]), split="test")
@@ -303,3 +303,10 @@ def test_exact_knn_gives_umaps_own_embedding() -> None:
     d = np.linalg.norm(z[:, None] - z[None], axis=2)
     np.testing.assert_array_equal(idx[:, 0], np.arange(len(z)))  # each point is its own nearest neighbour
     np.testing.assert_allclose(dist, np.sort(d, axis=1)[:, :4], rtol=1e-5, atol=1e-6)
+
+
+def test_settings_dump_survives_a_json_round_trip() -> None:
+    import json
+
+    # the demo reuses its report only when audit.json's settings equal DEMO.dump(): a tuple must not break that
+    assert json.loads(json.dumps(DEMO.dump())) == DEMO.dump()
