@@ -139,3 +139,51 @@ def test_road_shares_one_factorisation_between_equal_masks(monkeypatch: pytest.M
     one = [faith.road(model, x[i:i + 1], pixel_ranks(centre_maps(1, (8, 8)), (SIZE, SIZE)), target[i:i + 1],
                       percentages=(30,), noise=0.0)["morf"][0, 0] for i in range(4)]
     np.testing.assert_allclose(shared["morf"][:, 0], one, atol=1e-5)
+
+
+class _Energy(nn.Module):
+    """(B, 1, 8, 8): the texture energy (x - 0.5)² of channel 0, averaged over 4x4 cells."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.avg_pool2d((x[:, :1] - 0.5) ** 2, 4)
+
+
+class PlantedCNN(nn.Module):
+    """Quadrant's decision through a CAM layer: class 1's logit reads the top-left 4x4 cells of the energy map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.energy = _Energy()
+
+    def forward(self, x: Tensor) -> Tensor:
+        tl = self.energy(x)[:, 0, :4, :4].mean(dim=(1, 2))
+        return torch.stack([torch.zeros_like(tl), 40 * (tl - 0.125)], 1)
+
+
+def test_the_audit_check_ranks_variants_against_chance(tmp_path) -> None:
+    """In the audit: HiResCAM (gradient x activation) finds the top-left quadrant and beats the random map and the
+    centre prior by 0.15; Grad-CAM's map is flat here (one channel: its weight times an energy map that is the same
+    everywhere), so it reads as chance."""
+    from torch.utils.data import TensorDataset
+
+    from analysis.audit import AuditTarget, audit_one
+    from analysis.settings import AuditSettings
+
+    x = _images(8)
+    target = AuditTarget(model=PlantedCNN(), dataset=TensorDataset(x, torch.ones(8, dtype=torch.long)),
+                         confounders=np.arange(8) % 2, name="planted")
+    s = AuditSettings(max_samples=None, faith_samples=8, cam_variants=("hirescam", "gradcam"), faith_steps=8)
+    res = audit_one(target, s, checks=["faithfulness"])
+    f = res.entry["faithfulness"]
+    assert list(f) == ["hirescam", "gradcam"] and res.entry["layer"] == "energy"
+    hi, gc = f["hirescam"], f["gradcam"]
+    assert hi["random"] == gc["random"] and hi["centre"] == gc["centre"]  # chance is computed once per model
+    for base in ("random", "centre"):
+        assert hi["deletion_auc"] + 0.15 < hi[base]["deletion_auc"], f
+        assert hi["insertion_auc"] > hi[base]["insertion_auc"] + 0.15, f
+        assert hi["road_morf"] + 0.15 < hi[base]["road_morf"], f
+        assert hi["road_lerf"] > hi[base]["road_lerf"] + 0.15, f
+    assert abs(gc["deletion_auc"] - gc["random"]["deletion_auc"]) < 0.15
+    assert hi["n"] == 8 and len(hi["curves"]["cam"]["deletion"]) == 9
+    off = audit_one(target, s.replace(faithfulness=False), checks=["faithfulness"])
+    assert off.entry["faithfulness"] == {"available": False, "reason": "skipped (faithfulness=False)"}
