@@ -203,7 +203,8 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
         "audit", help="audit runs, or models trained elsewhere, for spurious reliance: report.html, audit.json, "
         "figures/",
         description="Audit run folders (RUN ...) and/or models trained elsewhere (--model ... --data DIR): "
-        "accuracy per group, background swaps, Grad-CAMs and their sanity check, latent space, leakage probes.")
+        "accuracy per group, background swaps, Grad-CAMs, their sanity check and faithfulness, latent space, "
+        "leakage probes.")
     p.add_argument("runs", nargs="*", metavar="RUN", help="run folders written by `ex2l train` (the first model is "
                    "the reference of the gaming warnings, e.g. ERM)")
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder")

@@ -310,3 +310,12 @@ def test_settings_dump_survives_a_json_round_trip() -> None:
 
     # the demo reuses its report only when audit.json's settings equal DEMO.dump(): a tuple must not break that
     assert json.loads(json.dumps(DEMO.dump())) == DEMO.dump()
+
+
+def test_settings_choices_are_the_libraries_own() -> None:
+    from analysis.faithfulness import BASELINES
+    from analysis.settings import CAM_VARIANTS, FAITH_BASELINES
+    from ex2l_xai.cam_variants import VARIANTS
+
+    # settings.py imports nothing heavy, so it spells the choices out: they must stay the libraries' own
+    assert set(CAM_VARIANTS) == set(VARIANTS) and FAITH_BASELINES == BASELINES
