@@ -5,11 +5,13 @@ in :class:`analysis.loading.Normalized`) and a TorchScript file alike:
 
 * the forward pass to the label logits (and the confounder logits where the model has a confounder head);
 * the CAM layer(s): the label head's, and the confounder head's for a two-head model (:meth:`bind` resolves them
-  once, on an example batch, :func:`analysis.modules.find_cam_layer` unless given);
+  once, on an example batch: a transformer's by :func:`ex2l_xai.cam_layers.transformer_cam_layer`, its tokens
+  laid out as a map by :func:`~ex2l_xai.cam_layers.auto_reshape`; else :func:`analysis.modules.find_cam_layer`);
 * the latent the probes and UMAP read (:class:`LatentReader`);
 * the input normalisation and what kind of model it is (``kind``: ``run``, ``two_head``, ``module`` or
   ``torchscript``), for the report;
-* one batch's logits, latents and CAMs (:meth:`batch`), the Grad-CAM of any copy of the model at the same layer
+* one batch's logits, latents and CAMs of a chosen variant (:meth:`batch`), the label logits (:meth:`logits`) and
+  the CAM of any variant at any class (:meth:`cams`, for the faithfulness checks), the Grad-CAM of any copy of the model at the same layer
   (:func:`layer_gradcam`, for the sanity check), and the random-weights baseline (:meth:`random_baseline`, with a
   :meth:`latent_fingerprint` so that models of one architecture share one baseline).
 
@@ -41,6 +43,7 @@ from analysis.modules import (
     unwrap,
 )
 from ex2l_xai.cam import cam_from_activations, grad_cam, head_cams
+from ex2l_xai.cam_layers import Reshape, auto_reshape, transformer_cam_layer
 from ex2l_xai.errors import Ex2lError
 
 __all__ = ["CamLayers", "LatentReader", "LatentSpec", "ModelAdapter", "layer_gradcam"]
@@ -58,17 +61,19 @@ class CamLayers:
     conf: nn.Module
     two_head: bool
     path: str
+    reshape: Reshape | None = None
 
 
 def layer_gradcam(model: nn.Module, layer: str, x: Tensor, y: Tensor) -> Tensor:
     """Grad-CAM (B, h, w) of the label logits at ``y``, at module path ``layer`` of ``model`` (any copy of the audited
-    model: a TorchScript model through its graph, any other through a forward hook)."""
+    model: a TorchScript model through its graph, any other through a forward hook; token and channels-last
+    layers laid out by the model's own :func:`~ex2l_xai.cam_layers.auto_reshape`)."""
     scripted = scripted_of(model)
     if scripted is not None:
         out, act = scripted.with_activation(prepare_input(model, x), layer)
         return cam_from_activations(act, as_logits(out), y)
     target = resolve_module(model, layer, "layer")
-    return grad_cam(lambda t: as_logits(model(t)), target, x, y)
+    return grad_cam(lambda t: as_logits(model(t)), target, x, y, reshape=auto_reshape(unwrap(model), target))
 
 
 def _two_head_net(model: nn.Module) -> bool:
@@ -245,16 +250,26 @@ class ModelAdapter:
         else:
             if layer is not None:
                 label_layer = resolve_module(model, layer, "layer")
-            elif self.forward_fn is None:
-                label_layer = find_cam_layer(model, example)
             else:
-                label_layer = find_cam_layer(model)
+                label_layer = self._transformer_layer() or find_cam_layer(model, example if self.forward_fn is None
+                                                                          else None)
             conf_layer = label_layer
         if self.scripted is not None and self.forward_fn is not None:
             raise Ex2lError("forward_fn: not supported for a TorchScript model (its CAMs come from its own graph)")
-        self._layers = CamLayers(label_layer, conf_layer, two_head, module_path(model, label_layer))
+        reshape = auto_reshape(unwrap(model), label_layer) if self.scripted is None else None
+        self._layers = CamLayers(label_layer, conf_layer, two_head, module_path(model, label_layer), reshape)
         self._latent = LatentReader(self, self.latent_fn, self._layers)
         return self._layers
+
+    def _transformer_layer(self) -> nn.Module | None:
+        """A timm ViT's or Swin's CAM layer (:func:`~ex2l_xai.cam_layers.transformer_cam_layer`), or None for any
+        other model (a TorchScript model's layers come from its graph)."""
+        if self.scripted is not None:
+            return None
+        try:
+            return transformer_cam_layer(unwrap(self.model))[1]
+        except Ex2lError:
+            return None
 
     @property
     def layers(self) -> CamLayers:
@@ -295,18 +310,21 @@ class ModelAdapter:
         """The function whose output holds the label logits (``forward_fn`` or the model)."""
         return self.forward_fn or self.model
 
-    def batch(self, x: Tensor, y: Tensor, c: Tensor, cams: bool) -> dict[str, Tensor | None]:
-        """One batch: ``logits`` (and ``conf_logits``), ``latents``, and with ``cams`` the label CAMs at y
-        (``cams_true``) and at ŷ (``cams_pred``) and, with a confounder head, its CAM at c (``cams_conf``)."""
+    def batch(self, x: Tensor, y: Tensor, c: Tensor, cams: bool, variant: str = "gradcam"
+              ) -> dict[str, Tensor | None]:
+        """One batch: ``logits`` (and ``conf_logits``), ``latents``, and with ``cams`` the label CAMs (``variant``,
+        :mod:`ex2l_xai.cam_variants`) at y (``cams_true``) and at ŷ (``cams_pred``) and, with a confounder head, its
+        CAM at c (``cams_conf``)."""
         if self.scripted is not None:
-            return self._scripted_batch(x, y, cams)
+            return self._scripted_batch(x, y, cams, variant)
         layers, latent = self.layers, self.latent
         fwd = _Forward(self.label_fn(), layers.two_head, latent)
         res: dict[str, Tensor | None] = {}
         if cams:
             layer_list = [layers.label, layers.conf, layers.label] if layers.two_head else [layers.label] * 2
             targets: list[Any] = [y, c, "pred"] if layers.two_head else [y, "pred"]
-            hc = head_cams(fwd, layer_list, x, targets, create_graph=False, retain_graph=False)
+            hc = head_cams(fwd, layer_list, x, targets, create_graph=False, retain_graph=False, variant=variant,
+                           reshape=layers.reshape)
             out = hc.output
             res["cams_true"], res["cams_pred"] = hc.cams[0], hc.cams[-1]
             if layers.two_head:
@@ -320,7 +338,8 @@ class ModelAdapter:
         res["latents"] = out[-1]
         return res
 
-    def _scripted_batch(self, x: Tensor, y: Tensor, cams: bool) -> dict[str, Tensor | None]:
+    def _scripted_batch(self, x: Tensor, y: Tensor, cams: bool, variant: str = "gradcam"
+                        ) -> dict[str, Tensor | None]:
         """A TorchScript model: the CAM layer's activation comes out of the graph itself."""
         res: dict[str, Tensor | None] = {}
         xin = prepare_input(self.model, x)
@@ -328,11 +347,29 @@ class ModelAdapter:
             out, act = self.scripted.with_activation(xin.requires_grad_(cams), self.layer_path)
             logits = as_logits(out)
             if cams:
-                res["cams_true"] = cam_from_activations(act, logits, y, retain_graph=True)
-                res["cams_pred"] = cam_from_activations(act, logits, logits.detach().argmax(1), retain_graph=False)
+                res["cams_true"] = cam_from_activations(act, logits, y, retain_graph=True, variant=variant)
+                res["cams_pred"] = cam_from_activations(act, logits, logits.detach().argmax(1), retain_graph=False,
+                                                        variant=variant)
         res["logits"] = logits
         res["latents"] = self.latent.read(out, x, act)
         return res
+
+    def logits(self, x: Tensor) -> Tensor:
+        """The label logits of the batch ``x`` (no gradients)."""
+        with torch.no_grad():
+            return as_logits(self.label_fn()(x))
+
+    def cams(self, x: Tensor, target: Tensor, variant: str = "gradcam") -> Tensor:
+        """The label CAMs (B, h, w) of ``variant`` at classes ``target``, at the label CAM layer (after :meth:`bind`;
+        detached)."""
+        layers = self.layers
+        if self.scripted is not None:
+            with torch.enable_grad():
+                out, act = self.scripted.with_activation(prepare_input(self.model, x), self.layer_path)
+                return cam_from_activations(act, as_logits(out), target, variant=variant)
+        fn = self.label_fn()
+        return grad_cam(lambda t: as_logits(fn(t)), layers.label, x, target, variant=variant,
+                        reshape=layers.reshape)
 
     # ---- the random-weights baseline -----------------------------------------------------------------------
     def random_baseline(self, seed: int = 0, dataset: Any = None) -> ModelAdapter:

@@ -264,7 +264,8 @@ def prepare(item: AuditTarget | nn.Module | str | os.PathLike[str], settings: Au
         adapter, ds, key, entry = _resolve_run(target, s, cache)
     else:
         adapter, ds, key, entry = _resolve_module(target, s)
-    ext = extract(adapter, ds, max_samples=s.max_samples, seed=s.seed, batch_size=s.batch_size, cams=cams)
+    ext = extract(adapter, ds, max_samples=s.max_samples, seed=s.seed, batch_size=s.batch_size, cams=cams,
+                  variant=s.cam_variants[0])
     ext.meta["has_confounders"] = bool(getattr(ds, "has_confounders", True))
     if adapter.run is not None:
         ext.meta.update(run=str(adapter.run), algorithm=adapter.config.algorithm_name,

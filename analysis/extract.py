@@ -214,7 +214,7 @@ def _adapter_and_dataset(model_or_run: Any, dataset: Any, *, device: Any, name: 
 
 # ---- the pass ------------------------------------------------------------------------------------------------
 def _run(adapter: ModelAdapter, dataset: Any, idx: np.ndarray, *, cams: bool, batch_size: int,
-         channels_last: bool | None) -> tuple[dict[str, list[np.ndarray]], tuple[int, int]]:
+         channels_last: bool | None, variant: str = "gradcam") -> tuple[dict[str, list[np.ndarray]], tuple[int, int]]:
     """The loop over batches of ``dataset[idx]`` in eval mode (the model's mode is restored, hooks removed)."""
     model, dev = adapter.model, adapter.device
     loader = DataLoader(Subset(dataset, idx.tolist()), batch_size=batch_size, shuffle=False, num_workers=0)
@@ -238,7 +238,7 @@ def _run(adapter: ModelAdapter, dataset: Any, idx: np.ndarray, *, cams: bool, ba
                 x = x.contiguous(memory_format=torch.channels_last)
             image_size = (int(x.shape[-2]), int(x.shape[-1]))
             y, c = batch["label"].to(dev), batch["confounder"].to(dev)
-            for key, value in adapter.batch(x, y, c, cams).items():
+            for key, value in adapter.batch(x, y, c, cams, variant).items():
                 put(key, value)
             for key, field_name in (("labels", "label"), ("confounders", "confounder"), ("envs", "env"),
                                     ("indices", "index")):
@@ -305,6 +305,7 @@ def extract(
     channels_last: bool | None = None,
     confounders: Any = None,
     envs: Any = None,
+    variant: str = "gradcam",
 ) -> Extraction:
     """Latents, logits, predictions and Grad-CAMs of a model over (a seeded subsample of) a dataset.
 
@@ -336,6 +337,7 @@ def extract(
     confounders, envs : one integer per sample, for datasets whose samples lack them (a ``TensorDataset``, an
         ``ImageFolder``; see :class:`analysis.datasets.AuditDataset`); without ``envs`` the environment is the
         confounder.
+    variant : the CAM variant (:mod:`ex2l_xai.cam_variants`; default Grad-CAM).
 
     The model is evaluated in eval mode and its train/eval mode is restored afterwards. CAMs are computed with
     ``create_graph=False`` and detached; they stay at the layer's resolution.
@@ -352,8 +354,9 @@ def extract(
         raise Ex2lError("extract: no samples to extract (empty dataset or indices)")
     adapter.bind(torch.stack([ds[int(i)]["image"] for i in idx[:2]]).to(adapter.device))
     meta.update(layer=adapter.layer_path, latent=adapter.latent.description)
-    parts, image_size = _run(adapter, ds, idx, cams=cams, batch_size=batch_size, channels_last=channels_last)
-    meta.update(seconds=time.time() - t0, n_samples=int(sum(len(p) for p in parts["labels"])),
+    parts, image_size = _run(adapter, ds, idx, cams=cams, batch_size=batch_size, channels_last=channels_last,
+                             variant=variant)
+    meta.update(variant=variant, seconds=time.time() - t0, n_samples=int(sum(len(p) for p in parts["labels"])),
                 n_dataset=int(len(ds)))
     label = name or adapter.name
     log.debug("extract %s: %d samples in %.1f s", label, meta["n_samples"], meta["seconds"])

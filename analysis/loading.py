@@ -124,7 +124,8 @@ def _load_weights(model: nn.Module, path: Path, spec: str) -> None:
 
 
 def load_model(spec: str, weights: str | os.PathLike[str] | None = None, *, num_classes: int,
-               normalize: str = "auto", device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+               normalize: str = "auto", device: str | torch.device = "cpu", pretrained: bool = False
+               ) -> tuple[nn.Module, dict[str, Any]]:
     """A model trained elsewhere, ready to audit on images in [0, 1].
 
     Parameters
@@ -133,8 +134,11 @@ def load_model(spec: str, weights: str | os.PathLike[str] | None = None, *, num_
         ``timm:NAME`` (``timm.create_model``; timm must be installed), or ``torchscript:PATH`` / the path of a
         TorchScript file.
     weights : the state-dict file (``torch.save(model.state_dict(), PATH)``) of a torchvision or timm model;
-        nothing is ever downloaded.
-    num_classes : the size of the model's output (the data's number of labels, usually).
+        nothing is downloaded unless ``pretrained``.
+    num_classes : the size of the model's output (the data's number of labels, usually; not with ``pretrained``).
+    pretrained : a torchvision or timm model with the library's own pretrained weights and classes
+        (:func:`ex2l_xai.pretrained.library_model`; offline, a one-line error naming ``--weights``), instead of
+        ``weights``.
     normalize : ``auto`` (:func:`normalization_for`), ``imagenet``, ``none``, ``M,S`` or six numbers.
 
     Returns
@@ -153,9 +157,16 @@ def load_model(spec: str, weights: str | os.PathLike[str] | None = None, *, num_
         if weights is not None:
             raise Ex2lError(f"--weights: a TorchScript file ({name}) carries its own weights; drop --weights")
         model: nn.Module = load_torchscript(name, device)
+    elif kind in ("torchvision", "timm") and pretrained:
+        from ex2l_xai.pretrained import library_model
+
+        if weights is not None:
+            raise Ex2lError(f"--model {spec}: give --pretrained or --weights, not both")
+        model = library_model(spec if kind == "timm" else name, pretrained=True)
     elif kind in ("torchvision", "timm"):
         if weights is None:
-            raise Ex2lError(f"--model {spec}: needs --weights FILE (its state dict); nothing is downloaded")
+            raise Ex2lError(f"--model {spec}: needs --weights FILE (its state dict) or --pretrained (the library's "
+                            "own weights, downloaded)")
         if kind == "torchvision":
             import torchvision
 
@@ -183,7 +194,8 @@ def load_model(spec: str, weights: str | os.PathLike[str] | None = None, *, num_
     if stats is not None:
         model = Normalized(model, stats[0], stats[1])
     model = model.to(device).eval()
-    info = {"kind": kind, "name": name, "weights": str(weights) if weights is not None else None,
+    info = {"kind": kind, "name": name,
+            "weights": str(weights) if weights is not None else ("pretrained" if pretrained else None),
             "normalization": None if stats is None else {"mean": list(stats[0]), "std": list(stats[1])}}
     return model, info
 
@@ -227,6 +239,7 @@ def external_targets(
     num_classes: int | None = None,
     device: str | torch.device = "cpu",
     skip_unreadable: bool = False,
+    pretrained: bool = False,
 ) -> list[Any]:
     """:class:`~analysis.audit.AuditTarget` objects for models trained elsewhere on a folder of images + CSV (what
     ``ex2l audit --model ... --data ...`` audits).
@@ -237,6 +250,7 @@ def external_targets(
     has a ``split`` column, else every row; a bare ``DIR/<class>/<image>`` tree without CSV: every image).
     ``skip_unreadable``: skip (and count in the log) image files that are missing or cannot be decoded.
     ``layer``: the CAM layer's module path (default: found per model).
+    ``pretrained``: the torchvision and timm specs take the library's own weights (no ``weights`` files).
     """
     from analysis.audit import AuditTarget
     from analysis.datasets import FolderDataset
@@ -264,12 +278,13 @@ def external_targets(
     for i, spec in enumerate(specs):
         kind = spec.partition(":")[0] if ":" in spec else ("torchscript" if Path(spec).is_file() else "torchvision")
         w = None
-        if kind in ("torchvision", "timm"):
+        if kind in ("torchvision", "timm") and not pretrained:
             if not queue:
                 raise Ex2lError(f"--model {spec}: no --weights left for it (give one --weights per torchvision or "
                                 "timm model, in the same order)")
             w = queue.pop(0)
-        model, info = load_model(spec, w, num_classes=n_classes, normalize=normalize, device=device)
+        model, info = load_model(spec, w, num_classes=n_classes, normalize=normalize, device=device,
+                                 pretrained=pretrained)
         info["source"] = f"{spec}" + (f" + {w}" if w else "")
         name = names[i] if names else (Path(spec).stem if kind == "torchscript" else spec.partition(":")[2] or spec)
         targets.append(AuditTarget(model=model, name=name, dataset=dataset, layer=layer, info=info))

@@ -34,6 +34,7 @@ from typing import Any
 from analysis.audit import AuditTarget, ModelAudit, audit_one, jsonable
 from analysis.checks import Check, FigureContext, resolve_checks
 from analysis.checks.cam_sanity import FILE as SANITY_FILE
+from analysis.checks.faithfulness import FILE as FAITHFULNESS_FILE
 from analysis.checks.gradcam import FILES as GRADCAM_FILES
 from analysis.checks.interventions import FILE as INTERVENTIONS_FILE
 from analysis.checks.latent_space import FILES as UMAP_FILES
@@ -52,7 +53,7 @@ __all__ = ["AUDIT_VERSION", "AuditSettings", "AuditTarget", "DEMO_SETTINGS", "FI
 AUDIT_VERSION = 1
 #: The figure files of the built-in checks, by figure key (each check module owns its own file names).
 FIGURES = {**GRADCAM_FILES, **UMAP_FILES, "interventions": INTERVENTIONS_FILE, "cam_sanity": SANITY_FILE,
-           **SLICE_FILES}
+           **SLICE_FILES, "faithfulness": FAITHFULNESS_FILE}
 #: The options of the report ``ex2l demo`` writes that differ from the defaults (:data:`analysis.settings.DEMO`).
 DEMO_SETTINGS: dict[str, Any] = {k: v for k, v in DEMO.dump().items() if v != AuditSettings().dump()[k]}
 

@@ -10,6 +10,7 @@ This module imports nothing heavy (no torch): the CLI reads it when it builds it
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,13 +21,17 @@ from ex2l_xai.errors import Ex2lError
 __all__ = ["DEMO", "AuditSettings", "CliOption", "cli_options"]
 
 RULES = ("worst_groups", "disagreement", "random")
+CAM_VARIANTS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam")  # ex2l_xai.cam_variants.VARIANTS
+FAITH_BASELINES = ("blur", "mean")  # analysis.faithfulness.BASELINES
 EMBEDDINGS = ("umap", "pca")
 
 
 def _opt(default: Any, flag: str | None = None, help: str = "", *, zero_is_none: bool = False,  # noqa: A002
-         choices: tuple[str, ...] | None = None, metavar: str | None = None) -> Any:
-    """A settings field; ``flag`` (e.g. ``--max-samples``) makes it a command-line option of ``ex2l audit``."""
-    meta = {"flag": flag, "help": help, "zero_is_none": zero_is_none, "choices": choices, "metavar": metavar}
+         choices: tuple[str, ...] | None = None, metavar: str | None = None, repeat: bool = False) -> Any:
+    """A settings field; ``flag`` (e.g. ``--max-samples``) makes it a command-line option of ``ex2l audit``
+    (``repeat``: a tuple field whose flag may be given several times)."""
+    meta = {"flag": flag, "help": help, "zero_is_none": zero_is_none, "choices": choices, "metavar": metavar,
+            "repeat": repeat}
     return field(default=default, metadata=meta)
 
 
@@ -63,6 +68,15 @@ class AuditSettings:
     slice_dims: int = _opt(8, None, "slice discovery: PCA components the class's latents are reduced to")
     spurious_features: int = _opt(5, None, "spuriosity: the head's top features per class that are candidates")
     reference: int | str = _opt(0, None, "the model the gaming warnings compare with (index or name)")
+    cam_variants: tuple[str, ...] = _opt(("gradcam",), "--cam", "CAM variant; repeat to compare variants side by "
+                                         "side (the grids and localisation use the first)", choices=CAM_VARIANTS,
+                                         repeat=True)
+    faithfulness: bool = _opt(True, "--faithfulness", "deletion/insertion and ROAD of each CAM variant "
+                              "(--no-faithfulness: skip)")
+    faith_steps: int = _opt(10, "--faith-steps", "steps of the deletion and insertion curves (8-20)", metavar="K")
+    faith_samples: int | None = _opt(64, "--faith-samples", "images for the faithfulness checks", metavar="N")
+    faith_baseline: str = _opt("blur", "--faith-baseline", "what deleted pixels become: a blurred image or the "
+                               "mean colour", choices=FAITH_BASELINES)
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -76,6 +90,17 @@ class AuditSettings:
         for name in ("slice_k_max", "slice_min_size", "slice_dims", "spurious_features"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise Ex2lError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
+        if isinstance(self.cam_variants, str) or not self.cam_variants:
+            raise Ex2lError(f"cam_variants: expected a non-empty tuple of variant names, got {self.cam_variants!r}")
+        bad = [v for v in self.cam_variants if v not in CAM_VARIANTS]
+        if bad:
+            raise Ex2lError(f"cam_variants: unknown variant(s) {bad}; expected some of {', '.join(CAM_VARIANTS)}")
+        object.__setattr__(self, "cam_variants", tuple(dict.fromkeys(self.cam_variants)))
+        if not 8 <= self.faith_steps <= 20:
+            raise Ex2lError(f"faith_steps: expected 8 to 20 steps, got {self.faith_steps}")
+        if self.faith_baseline not in FAITH_BASELINES:
+            raise Ex2lError(f"faith_baseline: expected one of {', '.join(FAITH_BASELINES)}, got "
+                            f"{self.faith_baseline!r}")
         if self.sanity_steps < 1:
             raise Ex2lError(f"sanity_steps: expected at least 1, got {self.sanity_steps}")
 
@@ -88,12 +113,27 @@ class AuditSettings:
         return dataclasses.replace(self, **changes)
 
     def dump(self) -> dict[str, Any]:
-        """Every option and its value (JSON-ready): ``audit.json``'s ``settings``."""
-        return dataclasses.asdict(self)
+        """Every option and its value (JSON-ready: a tuple as a list): ``audit.json``'s ``settings``."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
-#: What ``ex2l demo`` audits with (fast: subsamples, fewer UMAP epochs, a short sanity cascade).
-DEMO = AuditSettings(max_samples=480, umap_epochs=200, intervention_samples=64, sanity_samples=16, sanity_steps=4)
+#: What ``ex2l demo`` audits with (fast: subsamples, fewer UMAP epochs, a short sanity cascade). Faithfulness is
+#: off: on the 2-core CPU it costs seconds per image (docs/performance.md), far past the demo's 5-minute budget;
+#: ``ex2l audit`` runs it by default.
+DEMO = AuditSettings(max_samples=480, umap_epochs=200, intervention_samples=64, sanity_samples=16, sanity_steps=4,
+                     faithfulness=False, faith_samples=16)
+
+
+class RepeatOption(argparse.Action):
+    """A repeatable option whose default is the field's tuple: the first use replaces the default, later uses add
+    to it (argparse's ``append`` would add to the default)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        given = f"_{self.dest}_given"
+        prior = getattr(namespace, self.dest) if getattr(namespace, given, False) else ()
+        setattr(namespace, self.dest, (*prior, values))
+        setattr(namespace, given, True)
 
 
 @dataclass(frozen=True)
@@ -106,8 +146,10 @@ class CliOption:
 
     def value(self, parsed: Any) -> Any:
         """The setting's value from the parsed option (0 means None where the field says so)."""
-        meta = next(f.metadata for f in dataclasses.fields(AuditSettings) if f.name == self.name)
-        return (parsed or None) if meta["zero_is_none"] else parsed
+        f = next(f for f in dataclasses.fields(AuditSettings) if f.name == self.name)
+        if f.metadata["repeat"]:
+            return tuple(parsed)
+        return (parsed or None) if f.metadata["zero_is_none"] else parsed
 
 
 def cli_options(names: tuple[str, ...] | None = None) -> Iterator[CliOption]:
@@ -119,8 +161,13 @@ def cli_options(names: tuple[str, ...] | None = None) -> Iterator[CliOption]:
             continue
         kwargs: dict[str, Any] = {"default": f.default, "dest": f.name}
         zero = "; 0 = all" if meta["zero_is_none"] else "; 0 = skip" if f.name.endswith("_samples") else ""
-        default = "" if f.default is None else f" (default {f.default}{zero})"
+        shown = ", ".join(f.default) if meta["repeat"] else f.default
+        default = "" if f.default is None else f" (default {shown}{zero})"
         kwargs["help"] = meta["help"] + default
+        if meta["repeat"]:
+            kwargs["action"] = RepeatOption
+        elif f.type == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
         if meta["choices"]:
             kwargs["choices"] = meta["choices"]
         elif f.type in ("int", "int | None"):

@@ -203,7 +203,8 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
         "audit", help="audit runs, or models trained elsewhere, for spurious reliance: report.html, audit.json, "
         "figures/",
         description="Audit run folders (RUN ...) and/or models trained elsewhere (--model ... --data DIR): "
-        "accuracy per group, background swaps, Grad-CAMs and their sanity check, latent space, leakage probes.")
+        "accuracy per group, background swaps, Grad-CAMs, their sanity check and faithfulness, latent space, "
+        "leakage probes.")
     p.add_argument("runs", nargs="*", metavar="RUN", help="run folders written by `ex2l train` (the first model is "
                    "the reference of the gaming warnings, e.g. ERM)")
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder")
@@ -213,6 +214,8 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
                    "(torchscript:PATH)")
     g.add_argument("--weights", action="append", default=[], metavar="FILE",
                    help="state dict (torch.save(model.state_dict())) of each torchvision/timm --model, in order")
+    g.add_argument("--pretrained", action="store_true", help="timm:NAME and torchvision models: the library's own "
+                   "pretrained weights (downloaded or from its cache; with their own classes) instead of --weights")
     g.add_argument("--name", action="append", default=[], metavar="NAME", help="display name of each --model")
     g.add_argument("--data", metavar="DIR", help="the images: DIR/<class>/<image> (ImageFolder; no CSV needed) or "
                    "any folder with a CSV that has a label column")
@@ -243,7 +246,8 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
 #: The options of ``ex2l audit`` that are fields of ``analysis.settings.AuditSettings`` (flag, default and help
 #: come from the field; none is written out here).
 AUDIT_OPTIONS = ("max_samples", "intervention_samples", "sanity_samples", "sanity_steps", "seed", "device", "rule",
-                 "n_rows", "umap_epochs")
+                 "n_rows", "umap_epochs", "cam_variants", "faithfulness", "faith_steps", "faith_samples",
+                 "faith_baseline")
 
 
 def _add_settings(p: argparse.ArgumentParser, names: tuple[str, ...] = AUDIT_OPTIONS) -> None:
@@ -277,9 +281,9 @@ def _audit_items(args: argparse.Namespace) -> list[Any]:
         items += external_targets(args.model, args.weights, data=args.data, csv=args.csv, names=args.name,
                                   split=args.split, image_size=args.image_size, normalize=args.normalize,
                                   layer=args.layer, num_classes=args.num_classes, device=args.device or "cpu",
-                                  skip_unreadable=args.skip_unreadable)
-    elif args.weights or args.data or args.name or args.skip_unreadable:
-        raise Ex2lError("--weights/--data/--name/--skip-unreadable: only with --model")
+                                  skip_unreadable=args.skip_unreadable, pretrained=args.pretrained)
+    elif args.weights or args.data or args.name or args.skip_unreadable or args.pretrained:
+        raise Ex2lError("--weights/--data/--name/--skip-unreadable/--pretrained: only with --model")
     return items
 
 

@@ -65,7 +65,19 @@ def test_cli_defaults_are_the_settings_fields() -> None:
     for opt in cli_options(AUDIT_OPTIONS):
         assert opt.kwargs["default"] == fields[opt.name]
         if fields[opt.name] is not None:
-            assert f"(default {fields[opt.name]}" in opt.kwargs["help"], opt.flag
+            shown = fields[opt.name]
+            shown = ", ".join(shown) if isinstance(shown, tuple) else shown  # a repeatable option's tuple
+            assert f"(default {shown}" in opt.kwargs["help"], opt.flag
+    # repeatable --cam: the first use replaces the default, later ones add (variants side by side)
+    args = build_parser().parse_args(["audit", "--out", "x", "--cam", "hirescam", "--cam", "gradcam++",
+                                      "--no-faithfulness", "--faith-steps", "12", "--faith-baseline", "mean"])
+    s = _settings(args, split="test")
+    assert s.cam_variants == ("hirescam", "gradcam++") and not s.faithfulness
+    assert (s.faith_steps, s.faith_baseline, s.faith_samples) == (12, "mean", 64)
+    assert s.dump()["cam_variants"] == ["hirescam", "gradcam++"]  # JSON-ready: the demo compares it with audit.json
+    for bad in (["--cam", "gradcam3"], ["--faith-steps", "7"]):
+        with pytest.raises((SystemExit, Ex2lError)):
+            _settings(build_parser().parse_args(["audit", "--out", "x", *bad]), split="test")
 
 
 def test_settings_are_frozen_and_checked() -> None:
@@ -100,7 +112,7 @@ def test_the_default_max_samples_is_written_once() -> None:
 def test_default_checks_in_order() -> None:
     names = [c.name for c in default_checks()]
     assert names == ["gradcam", "random_network", "slices", "latent_space", "leakage", "localization", "interventions",
-                     "cam_sanity", "accuracy"]
+                     "cam_sanity", "faithfulness", "accuracy"]
     assert [c.name for c in resolve_checks(["accuracy", "leakage"])] == ["accuracy", "leakage"]
     with pytest.raises(Ex2lError, match="unknown check 'nope'.*accuracy"):
         resolve_checks(["nope"])
@@ -291,3 +303,19 @@ def test_exact_knn_gives_umaps_own_embedding() -> None:
     d = np.linalg.norm(z[:, None] - z[None], axis=2)
     np.testing.assert_array_equal(idx[:, 0], np.arange(len(z)))  # each point is its own nearest neighbour
     np.testing.assert_allclose(dist, np.sort(d, axis=1)[:, :4], rtol=1e-5, atol=1e-6)
+
+
+def test_settings_dump_survives_a_json_round_trip() -> None:
+    import json
+
+    # the demo reuses its report only when audit.json's settings equal DEMO.dump(): a tuple must not break that
+    assert json.loads(json.dumps(DEMO.dump())) == DEMO.dump()
+
+
+def test_settings_choices_are_the_libraries_own() -> None:
+    from analysis.faithfulness import BASELINES
+    from analysis.settings import CAM_VARIANTS, FAITH_BASELINES
+    from ex2l_xai.cam_variants import VARIANTS
+
+    # settings.py imports nothing heavy, so it spells the choices out: they must stay the libraries' own
+    assert set(CAM_VARIANTS) == set(VARIANTS) and FAITH_BASELINES == BASELINES

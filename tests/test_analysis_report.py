@@ -83,6 +83,11 @@ def test_audit_json_contract(audited: tuple[Path, dict[str, Any]], tiny_runs: li
     assert erm["cam_overlap"] is None and erm["has_confounder_head"] is False
     assert ex2l["has_confounder_head"] is True
     assert ex2l["cam_overlap"] is None or 0 <= ex2l["cam_overlap"] <= 1
+    for r in data["runs"]:  # faithfulness, keyed by variant: the CAM's four numbers and the same for two chance maps
+        f = r["faithfulness"]["gradcam"]
+        for key in ("deletion_auc", "insertion_auc", "road_morf", "road_lerf"):
+            assert 0 <= f[key] <= 1 and 0 <= f["random"][key] <= 1 and 0 <= f["centre"][key] <= 1
+    assert data["settings"]["cam_variants"] == ["gradcam"] and data["settings"]["faithfulness"] is True
     for key, name in FIGURES.items():
         png = out / "figures" / name
         assert data["figures"][key] == f"figures/{name}"
@@ -99,13 +104,14 @@ def test_report_html_is_self_contained(audited: tuple[Path, dict[str, Any]]) -> 
     srcs = re.findall(r'<img src="data:image/png;base64,([^"]+)"', text)
     assert len(srcs) == len(FIGURES)  # three models on the synthetic benchmark: every figure, both causal ones too
     for s, name in zip(srcs, ("fig4_interventions", "fig1_gradcam_grid", "fig1b_gradcam_disagreement",
-                              "fig5_cam_sanity", "fig2_umap", "fig3_umap_env", "fig6_slices", "fig7_spuriosity"),
-                       strict=True):
+                              "fig5_cam_sanity", "fig2_umap", "fig3_umap_env", "fig6_slices", "fig7_spuriosity",
+                              "fig8_faithfulness"), strict=True):
         assert base64.b64decode(s) == (out / "figures" / f"{name}.png").read_bytes(), name  # in section order
     for words in ("Worst-group", "How to read this", "MMD", "Within-label leak", "Decision-level leak",
                   "CAM in object", "Label–confounder overlap", "Zero-CAM share", "auditing_metrics.md",
                   "Background swaps", "BG-gap", "Accuracy of each class on each background", "Flip rate",
-                  "CAM sanity check", "Adebayo et al. 2018", "How to read it", "Discovered slices and spuriosity"):
+                  "CAM sanity check", "Adebayo et al. 2018", "How to read it", "Discovered slices and spuriosity",
+                  "Faithfulness of the CAMs", "ROAD MoRF", "centre prior"):
         assert words in text, words
     data = json.loads((out / "audit.json").read_text())
     for r in data["runs"]:  # the report shows the numbers of audit.json

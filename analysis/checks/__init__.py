@@ -5,7 +5,7 @@ Every module of this package that defines a :class:`~analysis.checks.base.Check`
 :func:`default_checks` gives one instance of each, in run order (``order``, then name)::
 
     gradcam (0)  random_network (10)  slices (15)  latent_space (20)  leakage (30)  localization (40)
-    interventions (50)  cam_sanity (60)  accuracy (70)
+    interventions (50)  cam_sanity (60)  faithfulness (65)  accuracy (70)
 """
 
 from __future__ import annotations
