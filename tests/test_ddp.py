@@ -87,6 +87,15 @@ def final_state(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)["algorithm"]
 
 
+def _split_nll(metrics: dict) -> dict:
+    """The metrics dict with its cross-entropies gathered under ``nll`` (a list, compared to round-off) and the
+    accuracies and counts left as they are (compared exactly)."""
+    m = {k: v for k, v in metrics.items() if k not in ("nll", "worst_group_nll")}
+    groups = {g: {k: v for k, v in e.items() if k != "nll"} for g, e in metrics["per_group"].items()}
+    nll = [metrics["nll"], metrics.get("worst_group_nll", 0.0)] + [e.get("nll", 0.0) for e in metrics["per_group"].values()]
+    return {**m, "per_group": groups, "nll": nll}
+
+
 def assert_close_runs(one: Path, two: Path, loss_rtol: float = LOSS_RTOL, weight_atol: float = WEIGHT_ATOL,
                       weight_rtol: float = 0.0) -> None:
     """Same records (losses to ``loss_rtol``, the same predictions, hence accuracies), same weights and buffers to
@@ -98,9 +107,10 @@ def assert_close_runs(one: Path, two: Path, loss_rtol: float = LOSS_RTOL, weight
         assert ra["loss"].keys() == rb["loss"].keys()
         for k in ra["loss"]:
             assert rb["loss"][k] == pytest.approx(ra["loss"][k], rel=loss_rtol, abs=1e-9), k
-        for split in ("val", "test"):
-            assert rb[split]["nll"] == pytest.approx(ra[split]["nll"], rel=1e-5)
-            assert {k: v for k, v in rb[split].items() if k != "nll"} == {k: v for k, v in ra[split].items() if k != "nll"}
+        for split in ("val", "test"):  # cross-entropies (overall, worst group, per group) to round-off, the rest equal
+            ma, mb = _split_nll(ra[split]), _split_nll(rb[split])
+            assert mb.pop("nll") == pytest.approx(ma.pop("nll"), rel=max(1e-5, loss_rtol))
+            assert mb == ma
     sa, sb = final_state(one), final_state(two)
     assert sa.keys() == sb.keys()
     for k in sa:
@@ -128,7 +138,8 @@ def test_erm_ddp_equals_one_process_and_its_folder_is_a_plain_run(tmp_path: Path
     one = json.loads((tmp_path / "one" / "results.json").read_text())
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert "world_size" not in one and two["world_size"] == 2
-    assert two["selected_epoch"] == one["selected_epoch"] and two["test"]["per_group"] == one["test"]["per_group"]
+    assert two["selected_epoch"] == one["selected_epoch"]
+    assert _split_nll(two["test"])["per_group"] == _split_nll(one["test"])["per_group"]  # accuracies and counts
     assert (tmp_path / "two" / "config.yaml").read_text() == (tmp_path / "one" / "config.yaml").read_text()
     # the selected model is a plain TwoHeadNet (no DDP prefix, plain batch norms) that evaluates like the run
     model, _, payload = load_run(tmp_path / "two")
@@ -166,8 +177,10 @@ def test_efficientnet_lite0_ddp_equals_one_process(tmp_path: Path) -> None:
 # first epoch's penalty and by 1e-3 in its weights after 2 epochs. Measured for 1 epoch, two processes against one:
 # losses 3e-5 relative, weights 3.9e-4; with per-rank penalties instead of the gathered batch: the penalty 1.4
 # relative. So MMD runs 1 epoch at looser tolerances, still four orders of magnitude below a per-rank penalty.
+# VREx's penalty (a variance of small risks) differed by 2.8e-6 relative between 1 and 2 processes on the 2-core
+# machine of 2026-12-07, at the unchanged commit 4afd841 too (1.8e-7 when recorded): 1e-5 keeps 3x of it
 PENALTY_TOLERANCES = {"coral": (2, LOSS_RTOL, WEIGHT_ATOL), "irm": (2, LOSS_RTOL, WEIGHT_ATOL),
-                      "vrex": (2, LOSS_RTOL, WEIGHT_ATOL), "mmd": (1, 2e-4, 2e-3)}
+                      "vrex": (2, 1e-5, WEIGHT_ATOL), "mmd": (1, 2e-4, 2e-3)}
 
 
 @pytest.mark.parametrize("name", sorted(PENALTY_TOLERANCES))

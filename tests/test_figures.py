@@ -82,7 +82,8 @@ def test_calibrate_probes_frozen_pretrained_features(tmp_path: Path) -> None:
     probe fitted on oracle_val is far better on test than the one fitted on train, which learns the shortcut);
     random features are refused."""
     calibrate = runpy.run_path(str(FIGURES / "calibrate.py"))
-    tiny = ["data.options.per_group=20", "data.options.test_per_group=20", "data.options.image_size=64"]
+    tiny = ["data.options.per_group=20", "data.options.test_per_group=20", "data.options.image_size=64",
+            "data.options.benchmark=none"]  # plain m2m_hard, not the preset's calibrated variant
     res = calibrate["calibrate"](tiny)
     assert res["n"] == {"train": 128, "oracle_val": 16, "test": 80}
     assert res["label_fit_oracle_val"]["avg_acc"] > res["label_fit_train"]["avg_acc"] + 0.2
