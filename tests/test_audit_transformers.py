@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import timm  # a dependency of the project: a missing timm must fail, not skip
 import torch
 from helpers import write_png
-
-timm = pytest.importorskip("timm")
 
 
 @pytest.fixture(scope="module")
