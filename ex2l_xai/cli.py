@@ -311,6 +311,46 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+@command
+def _add_infer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "infer-confounders", help="infer the confounders of a run's data from its model: a table to train "
+        "GroupDRO or eX2L on (--set data.confounders=FILE)",
+        description="Cluster a finished run's latents beside the label (the label head's directions and the class "
+        "means removed; a Gaussian mixture, k by BIC) into confounders shared across classes, for the splits "
+        "given (fitted on the first). Writes FILE (split, index, confounder, label) and FILE.json (k, BIC and, "
+        "where the data has confounders, ARI/NMI against them). Train on it with "
+        "`ex2l train ... --set data.confounders=FILE` (docs/training.md, 'Inferred confounders').")
+    p.add_argument("run", metavar="RUN", help="the first stage: a run folder written by `ex2l train` (e.g. ERM)")
+    p.add_argument("--out", "-o", required=True, metavar="FILE", help="the confounder table to write (CSV)")
+    p.add_argument("--splits", nargs="+", default=["train", "val"], metavar="SPLIT",
+                   help="splits to label, the first one fitted (default: train val; the test split keeps its "
+                   "true confounders for evaluation)")
+    p.add_argument("--k", type=int, default=None, help="number of confounders (default: chosen by BIC)")
+    p.add_argument("--k-max", type=int, default=8, help="largest k that BIC considers (default 8; from 2)")
+    p.add_argument("--dims", type=int, default=8, help="PCA components clustered (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of PCA and the mixture (default 0)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    _add_common(p)
+    p.set_defaults(func=_cmd_infer)
+
+
+def _cmd_infer(args: argparse.Namespace) -> int:
+    from analysis.infer_confounders import infer_confounders, write_inferred
+
+    frames, report = infer_confounders(args.run, splits=tuple(args.splits), k=args.k, k_max=args.k_max,
+                                       dims=args.dims, seed=args.seed, device=args.device)
+    out = write_inferred(args.out, frames, report)
+    lines = [f"{out}: k = {report['k']} confounders (BIC over {min(report['bic'])}..{max(report['bic'])}), "
+             f"fitted on {report['fitted_on']}"]
+    for s, e in report["splits"].items():
+        score = (f", ARI {e['ari']:.3f}, NMI {e['nmi']:.3f} (groups: ARI {e['group_ari']:.3f})" if "ari" in e
+                 else " (no true confounders to score against)")
+        lines.append(f"  {s}: {e['n']} samples, sizes {e['sizes']}{score}")
+    print("\n".join(lines))
+    return 0
+
+
 FIGURE_OPTIONS = ("max_samples", "seed")
 
 

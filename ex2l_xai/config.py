@@ -61,11 +61,14 @@ class DataConfig:
 
     ``options`` are passed to :func:`ex2l_xai.data.get_dataset` (``root`` too, when set). ``cache`` keeps every
     decoded sample of every split in memory after the first pass (for small datasets: the synthetic demo).
+    ``confounders`` names a confounder table (:mod:`ex2l_xai.data.inferred`, written by ``ex2l infer-confounders``)
+    whose ids replace the dataset's confounders on the splits it covers (GroupDRO's groups, eX2L's head).
     """
 
     name: str = "synthetic"
     root: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    confounders: str | None = None
     batch_size: int = 64
     eval_batch_size: int = 256
     num_workers: int = 0
@@ -330,6 +333,9 @@ def _validate(c: Config) -> None:
             raise ConfigError(f"data.options.{key}: unknown option of dataset {c.data.name!r}; {hint}")
     if c.data.root is not None and "root" not in known:
         raise ConfigError(f"data.root: dataset {c.data.name!r} takes no root (it is built in); remove the key")
+    if c.data.confounders is not None and not Path(c.data.confounders).is_file():
+        raise ConfigError(f"data.confounders: {c.data.confounders!r} is not a file; expected a confounder table "
+                          "(a CSV written by `ex2l infer-confounders`)")
     _at_least("data.batch_size", c.data.batch_size, 1)
     _at_least("data.eval_batch_size", c.data.eval_batch_size, 1)
     _at_least("data.num_workers", c.data.num_workers, 0)

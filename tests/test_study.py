@@ -56,14 +56,20 @@ def test_study_run_skip_and_report(tmp_path: Path) -> None:
 
 def test_overrides_are_valid_configs(tmp_path: Path) -> None:
     study = _study()
-    from studylib.runner import overrides_for
+    from studylib.runner import INFERRED, overrides_for, run_dir
 
     from ex2l_xai.config import load_config
 
     for regime in study.REGIMES.values():
         for bench in regime.benchmarks:
             for method in regime.methods_of(bench):
+                table = None
+                if method in regime.confounders_from:  # the first stage's table, written before the run starts
+                    table = run_dir(tmp_path, bench, regime.confounders_from[method], 1) / INFERRED
+                    table.parent.mkdir(parents=True, exist_ok=True)
+                    table.touch()
                 cfg = load_config(regime.preset, overrides_for(regime, bench, method, 1, root=tmp_path))
+                assert cfg.data.confounders == (None if table is None else str(table))
                 assert cfg.seed == 1
                 size = 64 if regime.name == "scratch" else 128
                 assert cfg.data.options["image_size"] == size, (regime.name, bench, method)
@@ -105,6 +111,38 @@ def test_runs_that_start_from_another_run_come_in_a_second_wave(tmp_path: Path) 
     metrics = [json.loads(x) for x in (tmp_path / "m2m_hard/singh_dual/seed0/metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["loss"]["anchor"] >= 0.0
     assert jobs_of(pre, tmp_path, [0], only="^m2m_hard/singh_dual$") == []
+
+
+def test_inferred_confounders_come_from_the_first_stage_and_get_their_table(tmp_path: Path) -> None:
+    """A method with ``confounders_from`` runs after that run, trains on the table inferred from it (written once
+    into its folder) and the report scores the inference and pairs the method with its true-confounder twin."""
+    study = _study()
+    reg = study.REGIMES["inferred"]
+    from studylib.aggregate import collect
+    from studylib.runner import INFERRED, jobs_of
+    from studylib.tables import inferred_table, is_ex2l
+
+    assert jobs_of(reg, tmp_path, [0], only="^m2m_hard/groupdro_inferred$") == [
+        [("m2m_hard", "erm", 0)], [("m2m_hard", "groupdro_inferred", 0)]]
+    assert not is_ex2l(reg, "paper_dual_l0.1_inferred") and is_ex2l(reg, "paper_dual_l0.1")
+    tiny = [o for o in TINY if not o.startswith("model.width")] + ["data.options.image_size=64",
+                                                                   "data.options.test_per_group=20"]
+    args = ["run", "--regime", "inferred", "--root", str(tmp_path), "--seeds", "0", "--only",
+            "^m2m_hard/groupdro(_inferred)?$", "--jobs", "1", "--quiet", "--set", *tiny]
+    assert study.main(args) == 0
+    table = tmp_path / "m2m_hard/erm/seed0" / INFERRED
+    report = json.loads(Path(f"{table}.json").read_text())
+    config = (tmp_path / "m2m_hard/groupdro_inferred/seed0/config.yaml").read_text()
+    assert f"confounders: {table}" in config and 2 <= report["k"] <= 8
+    rows = collect(tmp_path, reg)["m2m_hard"]
+    rec = rows["groupdro_inferred"][0]
+    assert (rec["inferred_k"], rec["inferred_ari"]) == (report["k"], report["splits"]["train"]["ari"])
+    text = inferred_table(rows, reg)
+    true = rows["groupdro"][0]["test_wga"]
+    line = next(x for x in text.splitlines() if x.startswith("| `groupdro_inferred`"))
+    assert f"| {report['k']:.1f} ± 0.0 |" in line and f"| {100 * true:.1f} ± 0.0 |" in line
+    d = 100 * (rec["test_wga"] - true)
+    assert f"| {d:+.1f} [{d:+.1f}, {d:+.1f}]" in line  # one seed: the interval is the difference itself
 
 
 def test_study_runs_through_submitit_and_reports_a_failed_run_with_its_log(

@@ -27,6 +27,7 @@ __all__ = [
     "build_optimizer",
     "build_run_algorithm",
     "build_scheduler",
+    "build_split",
     "dataset_kwargs",
     "lr_factor",
     "resolve_device",
@@ -87,11 +88,21 @@ def _splits_of(config: Config) -> tuple[str, ...]:
     return ("train", *[s for s in EVAL_SPLITS if s in splits])
 
 
+def build_split(config: Config, split: str) -> Any:
+    """Split ``split`` of the config's dataset, its confounders replaced where ``data.confounders`` covers it."""
+    ds = get_dataset(config.data.name, split, **dataset_kwargs(config))
+    if config.data.confounders is not None:
+        from ex2l_xai.data.inferred import apply_confounders, read_confounders
+
+        ds = apply_confounders(ds, read_confounders(config.data.confounders))
+    return ds
+
+
 def build_datasets(config: Config) -> dict[str, Any]:
     """``train``, ``val``, ``test`` (and ``oracle_val`` where the dataset has it), cached if ``data.cache``."""
     out: dict[str, Any] = {}
     for split in _splits_of(config):
-        ds = get_dataset(config.data.name, split, **dataset_kwargs(config))
+        ds = build_split(config, split)
         out[split] = CachedDataset(ds) if config.data.cache else ds
     return out
 

@@ -20,9 +20,8 @@ from torch.utils.data import DataLoader
 from ex2l_xai import distributed
 from ex2l_xai.algorithms import Algorithm
 from ex2l_xai.config import Config
-from ex2l_xai.data import get_dataset
 from ex2l_xai.metrics import add_group_nll, group_metrics
-from ex2l_xai.train.builders import dataset_kwargs, resolve_device
+from ex2l_xai.train.builders import build_split, resolve_device
 from ex2l_xai.train.loaders import eval_loader
 from ex2l_xai.train.rundir import RunFolder
 
@@ -133,7 +132,7 @@ def evaluate(
     its results were taken on, where the algorithm fitted on part of the split: DFR's ``val``)."""
     dev = resolve_device(device)
     model, config, payload = RunFolder(run_dir).load_model(dev)
-    dataset = get_dataset(config.data.name, split, **dataset_kwargs(config))
+    dataset = build_split(config, split)
     if batch_size is not None:
         config.data.eval_batch_size = batch_size
     subset = payload.get("evaluation_subsets", {}).get(split)

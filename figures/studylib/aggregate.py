@@ -10,7 +10,7 @@ from typing import Any
 
 from ex2l_xai.runfiles import RunFiles
 from studylib.regimes import Regime
-from studylib.runner import DIAGNOSTICS, run_dir
+from studylib.runner import DIAGNOSTICS, INFERRED, run_dir
 
 Table = dict[str, dict[str, list[dict[str, Any]]]]
 """benchmark -> method -> one record per finished seed."""
@@ -66,5 +66,19 @@ def collect(root: Path, regime: Regime, seeds: Sequence[int] | None = None) -> T
             for s in regime.seeds_of(m):
                 out = run_dir(root, b, m, s)
                 if (seeds is None or s in seeds) and RunFiles(out).is_done():
-                    table.setdefault(b, {}).setdefault(m, []).append(record(out, s))
+                    rec = record(out, s)
+                    if m in regime.confounders_from:
+                        rec.update(inferred_record(run_dir(root, b, regime.confounders_from[m], s) / INFERRED))
+                    table.setdefault(b, {}).setdefault(m, []).append(rec)
     return table
+
+
+def inferred_record(table: Path) -> dict[str, Any]:
+    """What the inference behind a run found (its report ``<table>.json``): k and the agreement on train."""
+    path = Path(f"{table}.json")
+    if not path.exists():
+        return {}
+    report = json.loads(path.read_text())
+    train = report["splits"].get(report["fitted_on"], {})
+    return {"inferred_k": report["k"], "inferred_ari": train.get("ari"), "inferred_nmi": train.get("nmi"),
+            "inferred_group_ari": train.get("group_ari")}

@@ -4,8 +4,9 @@ seeds, which method starts from which), loaded and checked into :class:`Regime`.
 A sweep file's keys: ``name``, ``title``, ``preset``, ``seeds`` (the default number per method: seeds 0..n-1),
 ``markers`` (the two comments around its section of docs/results.md), ``base`` (overrides of every run),
 ``benchmarks`` (name -> ``description``, ``overrides``, optional ``methods``: the list run there, default all),
-``methods`` (name -> ``description``, ``overrides``, optional ``seeds`` and ``init_from``: the method of the same
-benchmark and seed whose run folder it starts from), optional ``choose_on`` (the benchmarks eX2L's default is
+``methods`` (name -> ``description``, ``overrides``, optional ``seeds``, ``init_from``: the method of the same
+benchmark and seed whose run folder it starts from, and ``confounders_from``: the method of the same benchmark and
+seed whose run infers the confounders it trains on, ``ex2l infer-confounders``), optional ``choose_on`` (the benchmarks eX2L's default is
 chosen on; default all), ``lambda_sweep`` ([method, λ] pairs of the mechanism table), ``baselines`` (the methods
 every other one is compared with, paired by seed) and ``lists`` (YAML anchors for lists used more than once; not
 read otherwise).
@@ -45,6 +46,12 @@ class Method:
     overrides: tuple[str, ...]
     seeds: int | None = None
     init_from: str | None = None
+    confounders_from: str | None = None
+
+    @property
+    def needs(self) -> str | None:
+        """The method whose run must finish first (``init_from`` or ``confounders_from``; a method has one)."""
+        return self.init_from or self.confounders_from
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,11 @@ class Regime:
     baselines: tuple[str, ...] = ()
     source: str = ""
     init_from: dict[str, str] = field(default_factory=dict)
+    confounders_from: dict[str, str] = field(default_factory=dict)
+
+    def needs(self, method: str) -> str | None:
+        """The method whose run ``method`` needs first, or None."""
+        return self.methods[method].needs
 
     def methods_of(self, bench: str) -> tuple[str, ...]:
         """The methods run on benchmark ``bench``."""
@@ -100,9 +112,12 @@ def parse_regime(data: dict[str, Any], source: str = "<dict>") -> Regime:
     for m, spec in _need(data, "methods", source, dict).items():
         where = f"{source}: methods.{m}"
         methods[m] = Method(_need(spec, "description", where, str), _strings(spec.get("overrides"), f"{where}.overrides"),
-                            spec.get("seeds"), spec.get("init_from"))
-        if methods[m].init_from is not None and methods[m].init_from not in _need(data, "methods", source, dict):
-            raise SweepError(f"{where}.init_from: unknown method {methods[m].init_from!r}")
+                            spec.get("seeds"), spec.get("init_from"), spec.get("confounders_from"))
+        for key in ("init_from", "confounders_from"):
+            if spec.get(key) is not None and spec[key] not in _need(data, "methods", source, dict):
+                raise SweepError(f"{where}.{key}: unknown method {spec[key]!r}")
+        if methods[m].init_from and methods[m].confounders_from:
+            raise SweepError(f"{where}: expected one of init_from and confounders_from, not both")
     benchmarks = {}
     for b, spec in _need(data, "benchmarks", source, dict).items():
         where = f"{source}: benchmarks.{b}"
@@ -110,7 +125,7 @@ def parse_regime(data: dict[str, Any], source: str = "<dict>") -> Regime:
         for m in chosen or ():
             if m not in methods:
                 raise SweepError(f"{where}.methods: unknown method {m!r}")
-            start = methods[m].init_from
+            start = methods[m].needs
             if start is not None and start not in chosen:
                 raise SweepError(f"{where}.methods: {m} starts from {start}, which does not run there")
         benchmarks[b] = Benchmark(_need(spec, "description", where, str), _strings(spec.get("overrides"),
@@ -134,6 +149,7 @@ def parse_regime(data: dict[str, Any], source: str = "<dict>") -> Regime:
         choose_on=None if choose_on is None else _strings(choose_on, f"{source}: choose_on"), lambda_sweep=lam,
         baselines=baselines, source=source,
         init_from={m: spec.init_from for m, spec in methods.items() if spec.init_from is not None},
+        confounders_from={m: spec.confounders_from for m, spec in methods.items() if spec.confounders_from},
     )
 
 

@@ -2,7 +2,8 @@
 
 Every configuration is a run folder ``<root>/<benchmark>/<method>/seed<k>`` trained with ``ex2l_xai.train``; a
 folder with ``done`` (and its diagnostics) is skipped, an unfinished one resumes. Methods that start from another
-run (``init_from``) run in a second wave, after what they start from."""
+run (``init_from``) or train on the confounders another run infers (``confounders_from``: the table is written
+into that run's folder, :data:`INFERRED`, the first time it is needed) run in a second wave, after that run."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from studylib.regimes import Regime
 log = logging.getLogger("study")
 DIAGNOSTICS = "study_metrics.json"
 """The per-run diagnostics file written next to the run folder's own files."""
+INFERRED = "inferred_confounders.csv"
+"""The confounder table a first-stage run infers (``ex2l infer-confounders``), in its own folder."""
 
 
 def run_dir(root: Path, bench: str, method: str, seed: int) -> Path:
@@ -35,6 +38,10 @@ def overrides_for(regime: Regime, bench: str, method: str, seed: int, extra: Seq
         if root is None:
             raise ValueError(f"{method} starts from {regime.init_from[method]}: pass the study root")
         start = [f"model.init_from={run_dir(root, bench, regime.init_from[method], seed)}"]
+    if method in regime.confounders_from:
+        if root is None:
+            raise ValueError(f"{method} trains on {regime.confounders_from[method]}'s confounders: pass the study root")
+        start = [f"data.confounders={run_dir(root, bench, regime.confounders_from[method], seed) / INFERRED}"]
     return [*regime.base, *regime.benchmarks[bench].overrides, *regime.methods[method].overrides, *start,
             f"seed={seed}", *extra]
 
@@ -56,12 +63,25 @@ def train_one(regime: Regime, bench: str, method: str, seed: int, root: str, thr
 
     out = run_dir(Path(root), bench, method, seed)
     t0 = time.time()
+    if method in regime.confounders_from:
+        ensure_inferred(run_dir(Path(root), bench, regime.confounders_from[method], seed))
     config = load_config(regime.preset, overrides_for(regime, bench, method, seed, extra, Path(root)))
     config.train.device = device
     train(config, out, quiet=True)
     if not (out / DIAGNOSTICS).exists():
         atomic_write_json(out / DIAGNOSTICS, measure(out), indent=1)
     return f"{bench}/{method}/seed{seed}", time.time() - t0, ""
+
+
+def ensure_inferred(first: Path) -> Path:
+    """The confounder table inferred from the finished run ``first`` (written once, into its folder)."""
+    table = first / INFERRED
+    if not table.exists():
+        from analysis.infer_confounders import infer_confounders, write_inferred
+
+        frames, report = infer_confounders(first)
+        write_inferred(table, frames, report)
+    return table
 
 
 def finished(root: Path, bench: str, method: str, seed: int) -> bool:
@@ -84,10 +104,10 @@ def jobs_of(regime: Regime, root: Path, seeds: Sequence[int] | None = None, only
         if s in regime.seeds_of(m) and (seeds is None or s in seeds)
         and (not only or re.search(only, f"{b}/{m}")) and not finished(root, b, m, s)
     ]
-    first = [j for j in todo if j[1] not in regime.init_from]
-    second = [j for j in todo if j[1] in regime.init_from]
+    first = [j for j in todo if regime.needs(j[1]) is None]
+    second = [j for j in todo if regime.needs(j[1]) is not None]
     for b, m, s in second:  # what a second-wave run starts from must run too, even outside --only
-        dep = (b, regime.init_from[m], s)
+        dep = (b, regime.needs(m), s)
         if dep not in first and not finished(root, *dep):
             first.append(dep)
     return [w for w in (first, second) if w]
