@@ -41,6 +41,18 @@ def test_train_ex2l_on_your_data(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "erm: test average" in out and "ex2l: test average" in out
 
 
+def test_train_without_confounder_labels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    res = _example("train_without_confounder_labels").main(["--out", str(tmp_path), "--epochs", "1",
+                                                             "--per-group", "6"])
+    table = pd.read_csv(tmp_path / "inferred_confounders.csv")
+    assert set(table["split"]) == {"train", "val"} and table["confounder"].max() + 1 == res["report"]["k"]
+    assert (tmp_path / "groupdro_inferred" / "done").exists()
+    config = (tmp_path / "groupdro_inferred" / "config.yaml").read_text()
+    assert f"confounders: {tmp_path / 'inferred_confounders.csv'}" in config
+    out = capsys.readouterr().out
+    assert f"inferred {res['report']['k']} confounders" in out and "groupdro on inferred confounders: test" in out
+
+
 def test_audit_a_torchvision_model(tmp_path: Path) -> None:
     result = _example("audit_a_torchvision_model").main(
         ["--out", str(tmp_path), "--max-samples", "60", "--per-group", "12"]
