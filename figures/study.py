@@ -113,9 +113,18 @@ def cmd_default(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Aggregate the finished runs, print the tables, write summary.json and (with --md) the docs section."""
+    import json
+
     regime = REGIMES[args.regime]
     root = Path(args.root)
     table = collect(root, regime, args.seeds)
+    for path in args.add or []:  # rows of methods this root lacks, from a summary of the same configurations
+        summary = json.loads(Path(path).read_text())
+        for b in regime.benchmarks:
+            for m in regime.methods_of(b):
+                recs = summary.get(b, {}).get(m)
+                if recs and m not in table.get(b, {}):
+                    table.setdefault(b, {})[m] = [r for r in recs if args.seeds is None or r["seed"] in args.seeds]
     text = render(table, regime)
     if regime.baselines:
         text = f"**Outcome.** {outcome(table, regime)}\n\n{text}"
@@ -163,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
             _launcher_args(p)
         if name in ("report", "all"):
             p.add_argument("--md", default="", help="rewrite the regime's study section of this markdown file")
+            p.add_argument("--add", action="append", metavar="SUMMARY.json",
+                           help="rows of methods the root lacks, from another study's summary.json of the same "
+                           "configurations (e.g. the pretrained study's, for the inferred study's true-confounder "
+                           "rows; repeatable)")
         if name == "measure":
             p.add_argument("--force", action="store_true", help="measure runs that have diagnostics too")
             p.add_argument("--threads", type=int, default=1, help="torch threads")

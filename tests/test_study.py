@@ -145,6 +145,23 @@ def test_inferred_confounders_come_from_the_first_stage_and_get_their_table(tmp_
     assert f"| {d:+.1f} [{d:+.1f}, {d:+.1f}]" in line  # one seed: the interval is the difference itself
 
 
+def test_report_adds_rows_the_root_lacks_from_a_summary(tmp_path: Path) -> None:
+    """The inferred study's true-confounder rows can come from the pretrained study's summary (same configurations):
+    rows the root has are kept, the others are added, and the section says so by their numbers."""
+    study = _study()
+    summary = ROOT / "docs" / "data" / "study_pretrained_summary.json"
+    recs = json.loads(summary.read_text())["m2m_hard"]["groupdro"]
+    md = tmp_path / "r.md"
+    assert study.main(["report", "--regime", "inferred", "--root", str(tmp_path), "--add", str(summary),
+                       "--md", str(md), "--quiet"]) == 0
+    text = md.read_text()
+    row = next(x for x in text.splitlines() if x.startswith("| `groupdro`: GroupDRO"))
+    from studylib.tables import ms
+
+    assert f"| {len(recs)} |" in row and f"**{ms([r['test_wga'] for r in recs])}**" in row
+    assert "`groupdro_inferred`" not in text  # not in the summary, not run: no row
+
+
 def test_study_runs_through_submitit_and_reports_a_failed_run_with_its_log(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
