@@ -139,13 +139,15 @@ def inferred_table(rows: dict[str, list[dict[str, Any]]], regime: Regime) -> str
     confounder on train, group ARI) and its test WGA against the same method on the true confounders (the method
     named without ``_inferred``) and against ERM, paired by seed, in points with 95 % bootstrap intervals."""
     lines = ["\n| method (inferred confounders) | seeds | k | ARI (train) | NMI (train) | group ARI (train) "
-             "| test WGA | same method, true confounders | Δ WGA vs true [95 % CI] | Δ WGA vs `erm` [95 % CI] |",
+             "| test WGA | same method, true confounders, same seeds | Δ WGA vs true [95 % CI] "
+             "| Δ WGA vs `erm` [95 % CI] |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for m in regime.confounders_from:
         recs = rows.get(m)
         if not recs:
             continue
-        true = rows.get(m.removesuffix("_inferred"), [])
+        seeds = {r["seed"] for r in recs}  # the true-confounder twin on the same seeds (paired)
+        true = [r for r in rows.get(m.removesuffix("_inferred"), []) if r["seed"] in seeds]
         cells = []
         for base in (true, rows.get("erm", [])):
             d = paired_difference(_by_seed(recs, "test_wga"), _by_seed(base, "test_wga")) if base else None
