@@ -187,3 +187,65 @@ def test_the_audit_check_ranks_variants_against_chance(tmp_path) -> None:
     assert hi["n"] == 8 and len(hi["curves"]["cam"]["deletion"]) == 9
     off = audit_one(target, s.replace(faithfulness=False), checks=["faithfulness"])
     assert off.entry["faithfulness"] == {"available": False, "reason": "skipped (faithfulness=False)"}
+
+
+def _dense_imputation(image: np.ndarray, removed: np.ndarray) -> np.ndarray:
+    """The imputation system written out pixel by pixel and solved densely: the reference of the sparse solve."""
+    from analysis.faithfulness import NEIGHBOURS
+
+    c, h, w = image.shape
+    idx = [(r, q) for r in range(h) for q in range(w) if removed[r, q]]
+    pos = {p: i for i, p in enumerate(idx)}
+    a, b = np.zeros((len(idx), len(idx))), np.zeros((len(idx), c))
+    for i, (r, q) in enumerate(idx):
+        for (dr, dq), wt in NEIGHBOURS:
+            rr, qq = r + dr, q + dq
+            if 0 <= rr < h and 0 <= qq < w:
+                a[i, i] += wt
+                if (rr, qq) in pos:
+                    a[i, pos[rr, qq]] -= wt
+                else:
+                    b[i] += wt * image[:, rr, qq]
+    out = image.copy()
+    out[:, removed] = np.linalg.solve(a, b).T
+    return out
+
+
+def test_imputation_equals_the_dense_solve_on_holes_at_the_border() -> None:
+    """The sparse LU (minimum-degree ordering, no pivoting, right-hand sides 4 at a time) against the dense solve:
+    random masks, a large contiguous hole that touches two borders, a hole that leaves one pixel, 10 channels."""
+    rng = np.random.default_rng(0)
+    img = rng.random((10, 20, 17))
+    hole = np.zeros((20, 17), bool)
+    hole[:14, 3:] = True  # touches the top and right borders
+    one_left = np.ones((20, 17), bool)
+    one_left[19, 0] = False
+    for removed in (rng.random((20, 17)) < 0.3, rng.random((20, 17)) < 0.9, hole, one_left):
+        np.testing.assert_allclose(noisy_linear_impute(img, removed, noise=0.0), _dense_imputation(img, removed),
+                                   atol=1e-9)
+
+
+class _ViewsItsInput(nn.Module):
+    """Quadrant's decision through ``x.view``: refuses channels-last input."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return Quadrant()(x.view(x.shape[0], -1).view(x.shape))
+
+
+def test_maps_share_forward_passes_without_changing_a_number() -> None:
+    """Several maps at once (any forward batch size, across maps and steps) give each map's own numbers, also for
+    a model that refuses channels-last input."""
+    from analysis.faithfulness import Forwards, faithfulness_maps
+
+    x = _images(5)
+    target = Quadrant()(x).argmax(1)
+    maps = {"true": _true_map(5), "random": random_maps(5, (8, 8), seed=3), "centre": centre_maps(5, (8, 8))}
+    alone = {k: faithfulness(Quadrant(), x, m, target, steps=8, batch_size=5) for k, m in maps.items()}
+    for model, bs in ((Quadrant(), 1), (Quadrant(), 7), (Quadrant(), None), (_ViewsItsInput(), 3)):
+        together = faithfulness_maps(model, x, maps, target, steps=8, batch_size=bs)
+        for k, r in alone.items():
+            for part in ("deletion", "insertion", "morf", "lerf"):
+                np.testing.assert_allclose(getattr(together[k], part), getattr(r, part), atol=1e-6)
+    fw = Forwards(_ViewsItsInput(), target, 4)
+    assert fw.add(x) == slice(0, 5) and fw.add(x[:2], torch.tensor([3, 4])) == slice(5, 7)
+    assert not fw.channels_last and torch.allclose(fw.probs()[5:], fw.probs()[3:5])

@@ -34,7 +34,7 @@ class Faithfulness(Check):
         return None if settings.faith_samples else "skipped (faith_samples=0)"
 
     def run(self, ctx: CheckContext) -> None:
-        from analysis.faithfulness import ROAD_PERCENTAGES, centre_maps, faithfulness, random_maps
+        from analysis.faithfulness import ROAD_PERCENTAGES, centre_maps, faithfulness_maps, random_maps
 
         s, ad = ctx.settings, ctx.adapter
         rng = np.random.default_rng(s.seed)
@@ -45,23 +45,24 @@ class Faithfulness(Check):
         ad.model.eval()
         try:
             target = _chunks(lambda sl: ad.logits(x[sl]).argmax(1), n, bs)
-            common = {"steps": s.faith_steps, "baseline": s.faith_baseline, "seed": s.seed, "batch_size": bs}
-            out: dict[str, Any] = {}
-            bases: dict[str, Any] = {}
-            for variant in s.cam_variants:
-                cams = _chunks(lambda sl, v=variant: ad.cams(x[sl], target[sl], v), n, bs).cpu()
-                res = faithfulness(ad.logits, x, cams, target, **common)
-                if not bases:  # the chance maps do not depend on the variant: once per model
-                    shape = tuple(cams.shape[-2:])
-                    bases = {"random": faithfulness(ad.logits, x, random_maps(n, shape, s.seed), target, **common),
-                             "centre": faithfulness(ad.logits, x, centre_maps(n, shape), target, **common)}
-                out[variant] = {**res.summary(), **{k: r.summary() for k, r in bases.items()},
-                                "n": n, "steps": s.faith_steps, "baseline": s.faith_baseline,
-                                "road_percentages": list(ROAD_PERCENTAGES),
-                                "curves": {"fractions": res.fractions.tolist(), "cam": res.curves(),
-                                           **{k: r.curves() for k, r in bases.items()}}}
+            cams = {v: _chunks(lambda sl, v=v: ad.cams(x[sl], target[sl], v), n, bs).cpu() for v in s.cam_variants}
+            shape = tuple(next(iter(cams.values())).shape[-2:])
+            # the chance maps do not depend on the variant: once per model, in the same forward passes
+            maps = {**{("cam", v): m for v, m in cams.items()},
+                    ("base", "random"): random_maps(n, shape, s.seed), ("base", "centre"): centre_maps(n, shape)}
+            res = faithfulness_maps(ad.logits, x, maps, target, steps=s.faith_steps, baseline=s.faith_baseline,
+                                    seed=s.seed)
         finally:
             ad.model.train(was_training)
+        bases = {k: res["base", k] for k in BASES}
+        out: dict[str, Any] = {}
+        for variant in s.cam_variants:
+            r = res["cam", variant]
+            out[variant] = {**r.summary(), **{k: b.summary() for k, b in bases.items()},
+                            "n": n, "steps": s.faith_steps, "baseline": s.faith_baseline,
+                            "road_percentages": list(ROAD_PERCENTAGES),
+                            "curves": {"fractions": r.fractions.tolist(), "cam": r.curves(),
+                                       **{k: b.curves() for k, b in bases.items()}}}
         ctx.entry["faithfulness"] = out
         ctx.artifacts["faithfulness"] = out
 
