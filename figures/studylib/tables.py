@@ -128,7 +128,8 @@ def paired_table(rows: dict[str, list[dict[str, Any]]], regime: Regime) -> str:
             for key, _ in cols:
                 d = paired_difference(_by_seed(rows[m], key), _by_seed(rows[base], key))
                 star = "*" if d.excludes_zero() else ""
-                cells.append(f"{100 * d.mean:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]{star}")
+                cells.append("–" if d.n == 0 else  # a record without the key (older runs: no mean-group acc.)
+                             f"{100 * d.mean:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]{star}")
             wga = paired_difference(_by_seed(rows[m], "test_wga"), _by_seed(rows[base], "test_wga"))
             lines.append(f"| `{m}` | `{base}` | {wga.n} | " + " | ".join(cells) + f" | {_pct(wga.wins)} % |")
     return "\n".join(lines)
