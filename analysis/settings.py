@@ -117,11 +117,12 @@ class AuditSettings:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
-#: What ``ex2l demo`` audits with (fast: subsamples, fewer UMAP epochs, a short sanity cascade, faithfulness on 6
-#: images in 8 steps: about 0.8 s an image and model on the idle 2-core CPU; 8 images grew the audit by 29-37 %,
-#: past the 30 % it may add; docs/performance.md); ``ex2l audit`` runs faithfulness on 64 images in 10 steps.
+#: What ``ex2l demo`` audits with (fast: subsamples, fewer UMAP epochs, a short sanity cascade). Faithfulness is
+#: off there: on 6 images in 8 steps it adds 21 % to the demo's audit (14.6 s on the idle 2-core CPU; 8 images
+#: 29-37 %), and with it `make demo` took 5 min 5 s on a fresh clone, past its 5-minute bar (docs/performance.md);
+#: ``DEMO.replace(faithfulness=True)`` is that setting, ``ex2l audit`` runs faithfulness on 64 images in 10 steps.
 DEMO = AuditSettings(max_samples=480, umap_epochs=200, intervention_samples=64, sanity_samples=16, sanity_steps=4,
-                     faith_samples=6, faith_steps=8)
+                     faithfulness=False, faith_samples=6, faith_steps=8)
 
 
 class RepeatOption(argparse.Action):
