@@ -290,3 +290,21 @@ def test_default_is_chosen_across_studies_on_validation_only() -> None:
     assert scores["ex"]["val_nll"] == pytest.approx(0.2)
     t_a["b1"]["ex2"] = [_record(1.0, 0.01, 0.0)]
     assert choose_default([(t_a, a), (t_b, b)])[0] == "ex2"  # same val WGA, lower val CE
+
+
+def test_default_excludes_two_step_recipes() -> None:
+    """A variant that starts from another run (init_from: twice the budget) never becomes the one-run default,
+    however low its validation cross-entropy; without init_from the same rows would win."""
+    _study()
+    from studylib.regimes import parse_regime
+    from studylib.tables import choose_default
+
+    methods = {"erm": {"description": "ERM", "overrides": ["algorithm.name=erm"]},
+               "ex": {"description": "X", "overrides": ["algorithm.name=ex2l"]},
+               "two": {"description": "Y", "overrides": ["algorithm.name=ex2l"], "init_from": "erm"}}
+    a = parse_regime(_sweep(name="a", choose_on=["b1"], methods=methods), "a.yaml")
+    t = {"b1": {"ex": [_record(1.0, 0.10, 0.0)], "two": [_record(1.0, 0.001, 0.0)]}}
+    choice, scores = choose_default([(t, a)])
+    assert choice == "ex" and set(scores) == {"ex"}
+    methods["two"].pop("init_from")
+    assert choose_default([(t, parse_regime(_sweep(name="a", choose_on=["b1"], methods=methods), "a.yaml"))])[0] == "two"

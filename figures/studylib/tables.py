@@ -226,9 +226,13 @@ def outcome(table: Table, regime: Regime, margin: float = 0.05) -> str:
 def choose_default(tables: list[tuple[Table, Regime]], key: str = "val_wga") -> tuple[str | None, dict[str, Any]]:
     """eX2L's default across studies: the variant (by name) with the best mean ``key`` over every study's
     ``choose_on`` benchmarks, ties broken by the lower mean validation cross-entropy; only variants with runs on
-    every one of those benchmarks compete. Returns the choice and each candidate's (score, val CE, benchmarks)."""
+    every one of those benchmarks compete, and only one-run settings: a method that starts from another run
+    (``init_from``, e.g. Singh et al.'s form) is a two-step recipe with twice the training budget, which no single
+    run can default to and which the tie-break's cross-entropy would reward for the extra training alone.
+    Returns the choice and each candidate's (score, val CE, benchmarks)."""
     benches = [(t, r, b) for t, r in tables for b in (r.choose_on or tuple(r.benchmarks))]
-    names = {m for _, r in tables for m in r.methods if is_ex2l(r, m)}
+    two_step = {m for _, r in tables for m in r.init_from}
+    names = {m for _, r in tables for m in r.methods if is_ex2l(r, m) and m not in two_step}
     scores: dict[str, Any] = {}
     for m in sorted(names):
         per, nll = [], []
