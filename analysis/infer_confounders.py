@@ -124,7 +124,7 @@ def score_inferred(inferred: np.ndarray, labels: np.ndarray, confounders: np.nda
 
 def infer_confounders(run: str | os.PathLike[str], *, splits: tuple[str, ...] = ("train", "val"),
                       k: int | None = None, k_min: int = 2, k_max: int = 8, dims: int = 8, seed: int = 0,
-                      device: str = "cpu", batch_size: int = 128) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+                      device: str = "cpu", batch_size: int | None = None) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
     """Infer the confounders of ``splits`` of a run's dataset from the run's selected model (fitted on the first
     split). Returns per split a frame (``index``, ``confounder``, ``label``) and a report (method, k, BIC and, where
     the data has confounders, :func:`score_inferred` per split)."""

@@ -52,7 +52,8 @@ class AuditSettings:
     seed: int = _opt(0, "--seed", "seed of the subsamples, probes, UMAP, rows, background draws and "
                      "re-initialisations")
     device: str | None = _opt(None, "--device", "cpu or cuda (default: cpu for run folders, a model's own device)")
-    batch_size: int = _opt(128, None, "samples per forward pass of the extraction")
+    batch_size: int | None = _opt(None, None, "samples per forward pass of the extraction (None: 32 images of "
+                                  "128 px on a CPU, 128 on a GPU; analysis.extract.batch_for)")
     probe_max_samples: int | None = _opt(5000, None, "rows each leakage probe subsamples to")
     intervention_samples: int | None = _opt(240, "--interventions", "images for the background swaps",
                                             metavar="N")

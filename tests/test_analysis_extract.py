@@ -12,7 +12,15 @@ from captum.attr import LayerGradCam
 from helpers import png_pixels, rendered, same_picture
 
 from analysis.embeddings import MIN_SAMPLES, embed, embedding_figure
-from analysis.extract import Extraction, extract, random_copy, subsample_indices
+from analysis.extract import (
+    CPU_PIXELS,
+    DEVICE_BATCH,
+    Extraction,
+    batch_for,
+    extract,
+    random_copy,
+    subsample_indices,
+)
 from analysis.overlays import cam_overlay, display_image, gradcam_grid, select_rows
 from ex2l_xai.data import get_dataset
 from ex2l_xai.errors import Ex2lError
@@ -129,6 +137,25 @@ def test_subsample_is_seeded_and_stratified(tiny_test) -> None:
     assert subsample_indices(tiny_test, 10_000).size == len(tiny_test)
     with pytest.raises(Ex2lError, match="max_samples"):
         subsample_indices(tiny_test, 0)
+
+
+def test_default_batch_is_sized_by_pixels_on_cpu_and_does_not_change_the_numbers(tiny_test) -> None:
+    """No batch size: CPU_PIXELS pixels a batch on a CPU (32 images at 128 px, 512 at 32 px), DEVICE_BATCH
+    elsewhere; a given size wins. The extraction records what it used and its values do not depend on it."""
+    assert batch_for(None, "cpu", (128, 128)) == CPU_PIXELS // (128 * 128) == 32
+    assert batch_for(None, "cpu", (224, 224)) == CPU_PIXELS // (224 * 224) == 10
+    assert batch_for(None, "cpu", (4000, 4000)) == 1
+    assert batch_for(None, "cuda", (128, 128)) == DEVICE_BATCH
+    assert batch_for(7, "cpu", (128, 128)) == 7
+    with pytest.raises(Ex2lError, match="batch_size"):
+        batch_for(0, "cpu", (32, 32))
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=4).eval()
+    auto = extract(model, tiny_test, max_samples=24)
+    small = extract(model, tiny_test, max_samples=24, batch_size=5)
+    assert auto.meta["batch_size"] == CPU_PIXELS // (32 * 32) and small.meta["batch_size"] == 5
+    np.testing.assert_allclose(auto.logits, small.logits, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(auto.cams_true, small.cams_true, rtol=1e-4, atol=1e-5)
 
 
 def test_extract_errors(tiny_test) -> None:

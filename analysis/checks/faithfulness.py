@@ -34,13 +34,14 @@ class Faithfulness(Check):
         return None if settings.faith_samples else "skipped (faith_samples=0)"
 
     def run(self, ctx: CheckContext) -> None:
+        from analysis.extract import batch_for
         from analysis.faithfulness import ROAD_PERCENTAGES, centre_maps, faithfulness_maps, random_maps
 
         s, ad = ctx.settings, ctx.adapter
         rng = np.random.default_rng(s.seed)
         idx = np.sort(rng.permutation(ctx.extraction.indices)[: s.faith_samples])
         x = torch.stack([ctx.dataset[int(i)]["image"] for i in idx]).to(ad.device)
-        n, bs = len(idx), s.batch_size
+        n, bs = len(idx), batch_for(s.batch_size, ad.device, tuple(x.shape[-2:]))
         was_training = ad.model.training
         ad.model.eval()
         try:

@@ -42,12 +42,14 @@ class Interventions(Check):
         return None if settings.intervention_samples else "skipped (intervention_samples=0)"
 
     def run(self, ctx: CheckContext) -> None:
+        from analysis.extract import batch_for
         from analysis.interventions import interventions
 
         s, adapter = ctx.settings, ctx.adapter
         prior, source = _prior(ctx)
+        bs = min(batch_for(s.batch_size, adapter.device, ctx.extraction.image_size), 64)
         res = interventions(adapter.model, ctx.dataset, max_samples=s.intervention_samples, prior=prior,
-                            seed=s.seed, device=s.device, batch_size=min(s.batch_size, 64),
+                            seed=s.seed, device=s.device, batch_size=bs,
                             forward_fn=adapter.forward_fn)
         if not res.summary.get("available"):
             raise SkipCheck(res.summary.get("reason", "not available"))

@@ -75,10 +75,11 @@ class Slices(Check):
             disc.update(sc)
         off, base, how = None, {}, "the data has no object masks"
         if ext.masks is not None:
+            from analysis.extract import batch_for
             from analysis.slice_maps import off_object_shares
 
-            off, base, how = off_object_shares(ctx.adapter, ctx.dataset, ext, seed=s.seed,
-                                               batch_size=min(s.batch_size, 64))
+            bs = min(batch_for(s.batch_size, ctx.adapter.device, ext.image_size), 64)
+            off, base, how = off_object_shares(ctx.adapter, ctx.dataset, ext, seed=s.seed, batch_size=bs)
         disc["spurious_criterion"] = "|Cohen's d| >= 0.8 between the class's worst slice and the rest" + (
             f", or an off-object share of the feature's activation map above the background's area ({how})"
             if off is not None else f" (no off-object test: {how})")
