@@ -30,9 +30,14 @@ __all__ = ["ScriptedClassifier", "load_torchscript"]
 
 
 def _path_of(hierarchy: str) -> str:
-    """``SELF(ResNet).layer4(Sequential).1(BasicBlock).relu(ReLU).UNKNOWN_INSTANCE(...)`` -> ``layer4.1.relu``."""
+    """``SELF(ResNet).layer4(Sequential).1(BasicBlock).relu(ReLU).UNKNOWN_INSTANCE(...)`` -> ``layer4.1.relu``; a
+    scripted ``nn.Sequential`` (its loop over children unrolled) has no leading ``SELF``: ``0(Conv2d).SELF(Conv2d)``
+    -> ``0``."""
     parts = []
-    for token in hierarchy.split(".")[1:]:
+    tokens = hierarchy.split(".")
+    if tokens and tokens[0].startswith("SELF("):
+        tokens = tokens[1:]
+    for token in tokens:
         name = token.split("(")[0]
         if name in ("SELF", "UNKNOWN_INSTANCE", ""):
             break
@@ -95,6 +100,10 @@ class ScriptedClassifier(nn.Module):
         return out
 
     def _compile(self, key: str, graph: Any, extra: Sequence[Any]) -> Any:
+        """``graph`` with ``extra`` values as further outputs, as a function of (module, input). It is run with the
+        graph executor's optimisations off (``torch.jit.optimized_execution(False)``, restored on exit): from its
+        second call the optimised plan of a scripted ``nn.Sequential`` of convolutions and ReLUs returned the added
+        activation outside the autograd graph of the logits ("the differentiated Tensor ... not used in the graph")."""
         for value in extra:
             graph.registerOutput(value)
         graph.makeMultiOutputIntoTuple()
@@ -115,7 +124,8 @@ class ScriptedClassifier(nn.Module):
                 )
             fn = self._compile(layer, graph, [nodes[-1].output()])
             self._functions[layer] = fn
-        out = fn(self.inner._c, x)
+        with torch.jit.optimized_execution(False):  # see _compile: the optimised plan can cut the added output off
+            out = fn(self.inner._c, x)
         return out[0], out[1]
 
     def feature_points(self, x: Tensor) -> list[Any]:
@@ -135,7 +145,7 @@ class ScriptedClassifier(nn.Module):
                 last[prefix] = node
                 order.append(prefix)
         fn = self._compile("<all>", graph, [last[p].output() for p in order])
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.jit.optimized_execution(False):
             out = fn(self.inner._c, x)
             logits, acts = as_logits(out[0]), list(out[1:])
             grads = torch.autograd.grad(logits.sum(), acts, allow_unused=True)

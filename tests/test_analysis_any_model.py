@@ -147,6 +147,25 @@ def test_torchscript_file_gives_the_eager_models_cams(tree, resnet_file, tmp_pat
         assert torch.equal(v, before[k]), k
 
 
+def test_scripted_sequential_finds_its_cam_layer(tree) -> None:
+    """A scripted nn.Sequential names its children without a leading SELF in the graph (its loop over children is
+    unrolled): the CAM layer is still found, and the CAMs and logits equal the eager model's."""
+    root, _ = tree
+    folder = FolderDataset(root, "audit.csv", image_size=SIZE)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, stride=2),
+                                torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(8, 4)).eval()
+    with pytest.warns(FutureWarning):
+        scripted = ScriptedClassifier(torch.jit.script(model))
+    a, b = extract(scripted, folder, batch_size=10), extract(model, folder, batch_size=10)
+    assert a.meta["layer"] == b.meta["layer"] == "3"
+    np.testing.assert_allclose(a.logits, b.logits, atol=1e-5)
+    np.testing.assert_allclose(a.cams_true, b.cams_true, atol=1e-5)
+    c = extract(scripted, folder, layer="2", batch_size=10)  # the conv before the ReLU: negative values too
+    np.testing.assert_allclose(c.cams_true, extract(model, folder, layer="2", batch_size=10).cams_true, atol=1e-5)
+
+
 def test_timm_model_from_a_state_dict(tree, tmp_path: Path) -> None:
     timm = pytest.importorskip("timm")
     root, _ = tree
