@@ -34,6 +34,7 @@ bench: export OMP_WAIT_POLICY ?= PASSIVE
 bench: $(STAMP)
 	$(VPY) benchmarks/penalty_overhead.py
 	$(VPY) benchmarks/extract_throughput.py
+	$(VPY) benchmarks/extract_batch.py
 	$(VPY) benchmarks/mmd_memory.py
 	$(VPY) benchmarks/data_throughput.py
 	$(VPY) benchmarks/faithfulness_cost.py

@@ -32,13 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis.audit import AuditTarget, ModelAudit, audit_one, jsonable
-from analysis.checks import Check, FigureContext, resolve_checks
-from analysis.checks.cam_sanity import FILE as SANITY_FILE
-from analysis.checks.faithfulness import FILE as FAITHFULNESS_FILE
-from analysis.checks.gradcam import FILES as GRADCAM_FILES
-from analysis.checks.interventions import FILE as INTERVENTIONS_FILE
-from analysis.checks.latent_space import FILES as UMAP_FILES
-from analysis.checks.slices import FILES as SLICE_FILES
+from analysis.checks import Check, FigureContext, figure_files, resolve_checks
 from analysis.html import render_html
 from analysis.settings import DEMO, AuditSettings
 from ex2l_xai.errors import Ex2lError
@@ -51,9 +45,8 @@ __all__ = ["AUDIT_VERSION", "AuditSettings", "AuditTarget", "DEMO_SETTINGS", "FI
            "render_html"]
 
 AUDIT_VERSION = 1
-#: The figure files of the built-in checks, by figure key (each check module owns its own file names).
-FIGURES = {**GRADCAM_FILES, **UMAP_FILES, "interventions": INTERVENTIONS_FILE, "cam_sanity": SANITY_FILE,
-           **SLICE_FILES, "faithfulness": FAITHFULNESS_FILE}
+#: The figure files of the registered checks, by figure key (each check declares its own: ``Check.files``).
+FIGURES = figure_files()
 #: The options of the report ``ex2l demo`` writes that differ from the defaults (:data:`analysis.settings.DEMO`).
 DEMO_SETTINGS: dict[str, Any] = {k: v for k, v in DEMO.dump().items() if v != AuditSettings().dump()[k]}
 

@@ -170,11 +170,26 @@ def test_run_checks_records_skips_with_their_reasons() -> None:
 
 
 def test_register_refuses_unknown_needs_and_second_names() -> None:
+    default_checks()  # the built-in checks registered
     with pytest.raises(Ex2lError, match="unknown need"):
         register(type("Bad", (Check,), {"name": "bad_need", "needs": ("gpu",)}))
     with pytest.raises(Ex2lError, match="registered twice"):
         register(type("Acc2", (Check,), {"name": "accuracy"}))
-    assert "accuracy" in registered()
+    with pytest.raises(Ex2lError, match=r"figure key\(s\) \['umap'\] already belong to \['latent_space'\]"):
+        register(type("Umap2", (Check,), {"name": "umap_again", "files": {"umap": "mine.png"}}))
+    assert "accuracy" in registered() and "umap_again" not in registered()
+
+
+def test_the_report_figures_are_what_the_checks_declare() -> None:
+    """FIGURES is built from each registered check's ``files``: every built-in figure, no file twice."""
+    from analysis.checks import figure_files
+    from analysis.report import FIGURES
+
+    assert FIGURES == figure_files()
+    assert FIGURES["faithfulness"] == "fig8_faithfulness.png" and FIGURES["umap_env"] == "fig3_umap_env.png"
+    assert set(FIGURES) == {"gradcam_grid", "gradcam_disagreement", "umap", "umap_env", "interventions",
+                            "cam_sanity", "slices", "spuriosity", "faithfulness"}
+    assert len(set(FIGURES.values())) == len(FIGURES)
 
 
 class _ConfidenceCheck(Check):

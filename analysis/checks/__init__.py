@@ -28,7 +28,7 @@ from analysis.checks.base import (
 from ex2l_xai.errors import Ex2lError
 
 __all__ = ["NEEDS", "Check", "CheckContext", "FigureContext", "ReportSection", "SkipCheck", "default_checks",
-           "register", "registered", "resolve_checks", "run_checks"]
+           "figure_files", "register", "registered", "resolve_checks", "run_checks"]
 
 
 def _discover() -> None:
@@ -41,6 +41,12 @@ def default_checks() -> list[Check]:
     """One instance of every registered check, in run order."""
     _discover()
     return [cls() for cls in registered().values()]
+
+
+def figure_files() -> dict[str, str]:
+    """Every registered check's figure files (``Check.files``), {figure key: file name}, in run order."""
+    _discover()
+    return {k: v for cls in registered().values() for k, v in cls.files.items()}
 
 
 def resolve_checks(checks: Sequence[Check | str] | None) -> list[Check]:

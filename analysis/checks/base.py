@@ -116,7 +116,7 @@ class ReportSection:
 class Check:
     """One audit check (subclass it, set ``name`` and ``order``, decorate the class with :func:`register`).
 
-    ``needs``: keys of :data:`NEEDS`; ``run(ctx)`` writes the model's numbers into ``ctx.entry``;
+    ``needs``: keys of :data:`NEEDS`; ``files``: its figure files by key; ``run(ctx)`` writes the model's numbers into ``ctx.entry``;
     ``disabled(settings)`` says why the settings turn it off (None: on); ``skip(ctx, reason)`` writes the "not
     available" record; ``figures(fc)`` draws the figures over all models and returns {figure key: relative path};
     ``section(data)`` returns the check's :class:`ReportSection` (None: the template has a section of its own, or
@@ -126,6 +126,8 @@ class Check:
     name: ClassVar[str] = ""
     order: ClassVar[int] = 100
     needs: ClassVar[tuple[str, ...]] = ()
+    #: The figure files :meth:`figures` may draw, by figure key (the report and the HTML look them up here).
+    files: ClassVar[dict[str, str]] = {}
 
     def disabled(self, settings: Any) -> str | None:
         """Why the settings turn this check off, or None."""
@@ -158,6 +160,10 @@ def register(cls: type[Check]) -> type[Check]:
     bad = [n for n in cls.needs if n not in NEEDS]
     if bad:
         raise Ex2lError(f"check {cls.name!r}: unknown need(s) {bad}; expected keys of {', '.join(NEEDS)}")
+    taken = {k: other.name for other in _REGISTRY.values() if other is not cls for k in other.files}
+    clash = [k for k in cls.files if k in taken]
+    if clash:
+        raise Ex2lError(f"check {cls.name!r}: figure key(s) {clash} already belong to {[taken[k] for k in clash]}")
     _REGISTRY[cls.name] = cls
     return cls
 

@@ -16,6 +16,7 @@ class CamSanity(Check):
     """Do the CAMs depend on the weights? (Adebayo et al. 2018)"""
 
     name = "cam_sanity"
+    files = {"cam_sanity": FILE}
     order = 60
     needs = ("recomputable_cams",)
 

@@ -26,6 +26,7 @@ class Faithfulness(Check):
     """Does the CAM show what the decision uses? (deletion/insertion, Petsiuk et al. 2018; ROAD, Rong et al. 2022)"""
 
     name = "faithfulness"
+    files = {"faithfulness": FILE}
     order = 65
 
     def disabled(self, settings: Any) -> str | None:

@@ -20,6 +20,7 @@ class GradCam(Check):
     """Figs. 1 and 1b: the label CAM at y (and each confounder head's CAM at c); at ŷ where the models disagree."""
 
     name = "gradcam"
+    files = FILES
     order = 0
     needs = ("cams",)
 

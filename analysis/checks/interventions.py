@@ -36,6 +36,7 @@ class Interventions(Check):
     """The background-swap accuracies, BG-gap and flip rate on ``intervention_samples`` images."""
 
     name = "interventions"
+    files = {"interventions": FILE}
     order = 50
 
     def disabled(self, settings: Any) -> str | None:

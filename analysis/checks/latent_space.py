@@ -23,6 +23,7 @@ class LatentSpace(Check):
     """``mmd_env`` (:func:`analysis.mmd.mmd_env`) of the latents; UMAP by label/confounder and by environment."""
 
     name = "latent_space"
+    files = FILES
     order = 20
 
     def run(self, ctx: CheckContext) -> None:

@@ -44,6 +44,7 @@ class Slices(Check):
     gaps; the ground-truth scores where the data has confounders; the spuriosity ranking."""
 
     name = "slices"
+    files = FILES
     order = 15
 
     def run(self, ctx: CheckContext) -> None:
