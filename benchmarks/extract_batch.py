@@ -8,7 +8,7 @@ warm-up, in an interleaved order so that drifts in the machine's speed hit every
 size are checked against the default's (max abs difference printed). The last line printed is one JSON object
 with each size's seconds and its ratio to the default's.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/extract_batch.py              # 400 images at 128 px (200 before a fix)
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/extract_batch.py              # 400 images at 128 px
     OMP_WAIT_POLICY=PASSIVE python benchmarks/extract_batch.py --samples 96 # under a minute here
 """
 
