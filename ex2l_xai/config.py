@@ -192,11 +192,14 @@ def load_config(file_or_preset: str | Path | None = None, overrides: list[str] |
     Parameters
     ----------
     file_or_preset : str, Path or None
-        A YAML file, or the name of a shipped preset (``quick``, ``spawrious_m2m_hard``, ``waterbirds``);
+        A YAML file, or the name of a shipped preset (``quick``, ``pretrained``, ``spawrious_m2m_hard``, ``waterbirds``);
         None starts from the defaults.
     overrides : list of str
         ``section.key=value`` strings (``data.options.image_size=32``, ``algorithm.name=erm``, ``seed=1``);
-        the value is parsed with ``yaml.safe_load``.
+        the value is parsed with ``yaml.safe_load``. The file's algorithm options belong to its algorithm: an
+        override naming another algorithm starts that one from its own defaults and the ``algorithm.*``
+        overrides (``--config pretrained --set algorithm.name=erm`` is plain ERM, without the preset's eX2L
+        options).
 
     Returns
     -------
@@ -218,9 +221,23 @@ def load_config(file_or_preset: str | Path | None = None, overrides: list[str] |
                 )
             path = preset_path(str(file_or_preset))
         raw = _read_yaml(path)
+    base_algorithm = dict(raw["algorithm"]) if isinstance(raw.get("algorithm"), dict) else None
     for item in overrides:
         apply_override(raw, item)
+    _drop_other_algorithms_options(raw, base_algorithm, overrides)
     return config_from_dict(raw)
+
+
+def _drop_other_algorithms_options(raw: dict[str, Any], base: dict[str, Any] | None,
+                                   overrides: list[str] | tuple[str, ...]) -> None:
+    """A file's (or preset's) algorithm options belong to its algorithm: when the overrides name another
+    algorithm, that one starts from its own defaults, keeping only the ``algorithm.*`` overrides (the ``pretrained``
+    preset's eX2L options do not reach ``--set algorithm.name=erm``)."""
+    if not base or not isinstance(raw.get("algorithm"), dict) or raw["algorithm"].get("name") == base.get("name"):
+        return
+    given = {item.partition("=")[0].strip().split(".", 2)[1] for item in overrides
+             if item.partition("=")[0].strip().startswith("algorithm.")}
+    raw["algorithm"] = {k: v for k, v in raw["algorithm"].items() if k == "name" or k in given}
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -90,6 +90,23 @@ def test_algorithm_keys_follow_the_algorithm() -> None:
         load_config("quick", ["algorithm.name=erm", "algorithm.penalty_weight=0.5"])
 
 
+def test_a_files_algorithm_options_belong_to_its_algorithm(tmp_path: Path) -> None:
+    """A file's eX2L options apply to eX2L (also when the override names eX2L again); an override naming another
+    algorithm starts it from its own defaults plus the algorithm.* overrides, which are still checked."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"algorithm": {"name": "ex2l", "variant": "channel", "penalty_weight": 1.0,
+                                                  "conf_detach": True}}))
+    same = load_config(path, ["algorithm.name=ex2l", "algorithm.penalty_weight=0.5"]).algorithm
+    assert (same["variant"], same["penalty_weight"], same["conf_detach"]) == ("channel", 0.5, True)
+    erm = load_config(path, ["algorithm.name=erm"]).algorithm
+    assert erm == load_config(None, ["algorithm.name=erm"]).algorithm and erm["conf_detach"] is False
+    assert load_config(path, ["algorithm.name=erm", "algorithm.conf_detach=true"]).algorithm["conf_detach"] is True
+    paper = load_config(path, ["algorithm.name=groupdro"]).algorithm
+    assert "variant" not in paper and "penalty_weight" not in paper
+    with pytest.raises(ConfigError, match=r"algorithm\.variant: unknown for erm"):
+        load_config(path, ["algorithm.name=erm", "algorithm.variant=paper"])
+
+
 def test_bad_preset_and_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="'quik': not a file and not a preset"):
         load_config("quik")
