@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +78,23 @@ def test_overrides_are_valid_configs(tmp_path: Path) -> None:
     cfg = load_config(pre.preset, overrides_for(pre, "o2o_hard", "singh_dual", 2, root=tmp_path))
     assert cfg.model.init_from == str(tmp_path / "o2o_hard" / "erm_2head" / "seed2")
     assert cfg.model.backbone == "efficientnet_lite0" and cfg.model.freeze == "layer3"
+
+
+def test_study_methods_do_not_inherit_the_presets_algorithm_options() -> None:
+    """A study's method of the preset's own algorithm sets every algorithm option the preset sets (and the model's
+    architecture), so changing the preset's default (the pretrained preset's eX2L) never changes a study's runs."""
+    study = _study()
+    from ex2l_xai.config import preset_path
+
+    for regime in study.REGIMES.values():
+        preset = yaml.safe_load(preset_path(regime.preset).read_text())
+        fixed = [k for k in preset.get("algorithm", {}) if k != "name"]
+        for name, method in regime.methods.items():
+            given = {o.partition("=")[0] for o in (*regime.base, *method.overrides)}
+            assert "model.architecture" in given, (regime.name, name)
+            if f"algorithm.name={preset['algorithm']['name']}" in method.overrides:
+                missing = [k for k in fixed if f"algorithm.{k}" not in given]
+                assert not missing, (regime.name, name, missing)
 
 
 def test_pretrained_variants_run_on_every_benchmark() -> None:
