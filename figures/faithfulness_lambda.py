@@ -26,9 +26,9 @@ from ex2l_xai.fileio import atomic_write_json  # noqa: E402
 from ex2l_xai.runfiles import RunFiles  # noqa: E402
 
 METHODS = (("erm", "ERM", None), ("erm_2head", "two-head ERM (λ = 0)", 0.0),
-           ("paper_dual_l0.1", "eX2L's default (λ = 0.1)", 0.1), ("paper_dual_l1", "eX2L, λ = 1", 1.0),
+           ("paper_dual_l0.1", "the paper's form (λ = 0.1)", 0.1), ("paper_dual_l1", "eX2L, λ = 1", 1.0),
            ("evid_dual_all_l0.1", "evidence penalty (λ = 0.1)", 0.1))
-"""The issue's runs: ERM, two-head ERM, eX2L's default, λ = 1 and the evidence penalty (pretrained study names)."""
+"""The issue's runs: ERM, two-head ERM, the paper's form at λ = 0.1 (eX2L's default when they ran), λ = 1 and the evidence penalty (pretrained study names)."""
 KEYS = ("deletion_auc", "insertion_auc", "road_morf", "road_lerf")
 MARKERS = ("<!-- faithfulness:lambda:begin -->", "<!-- faithfulness:lambda:end -->")
 
