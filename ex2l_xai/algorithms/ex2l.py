@@ -60,7 +60,7 @@ from ex2l_xai.penalties import KINDS, NORMS, normalize, similarity
 class Ex2lParams(ERMParams):
     """eX2L's options. The defaults are the paper's objective (Dice of max-normalised ReLU CAMs, λ = 0.1), the
     first study's validation choice (from scratch, the ``quick`` preset). The ``pretrained`` preset ships its own
-    regime's validation choice over m2m_hard and the calibrated benchmark: ``variant="channel"``, λ = 1,
+    regime's validation choice over m2m_hard and the calibrated benchmark: ``variant="channel"``, λ = 0.1,
     ``conf_detach=True`` on one backbone (docs/results.md; two-step recipes such as Singh et al.'s, which validation
     favours for their extra training, do not compete)."""
 
