@@ -6,6 +6,8 @@ see :mod:`studylib.regimes`), with its own tables and section of docs/results.md
 * ``calibrated`` (docs/results.md's first section): the paper's regime on the benchmark calibrated to the
   paper's ERM (``m2m_hard_salient``), 10 seeds for the headline methods, paired differences with bootstrap
   intervals;
+* ``budget``: the calibrated study's ERM and channel variants again at twice its budget (12 epochs);
+* ``inferred``: GroupDRO and the paper's form on confounders inferred from ERM's latents;
 * ``pretrained``: EfficientNet-Lite0 with ImageNet weights (the ``pretrained`` preset) on m2m_hard, o2o_hard and
   the minority variant, ERM, GroupDRO, the eX2L variants and the baselines of DomainBed and SubpopBench;
 * ``scratch``: the first study, a small CNN trained from scratch (the ``quick`` preset's network, 64 px).
