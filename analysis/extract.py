@@ -214,8 +214,8 @@ def _adapter_and_dataset(model_or_run: Any, dataset: Any, *, device: Any, name: 
 
 # ---- batch size ----------------------------------------------------------------------------------------------
 #: Pixels per batch of the extraction on a CPU when no batch size is given: 32 images at 128 px. On the 2-core
-#: development machine the Grad-CAM extraction of 400 test images by the calibrated study's EfficientNet-Lite0
-#: took 1.9 s in batches of 32, 2.2 s of 16 and 3.4 s of 128 (2026-12-07): large batches' activations leave the cache.
+#: development machine benchmarks/extract_batch.py (200 images, two-head EfficientNet-Lite0) took 0.88 s in batches
+#: of 32, 0.97 s of 16 and 3.50 s of 128 (2026-12-07, docs/performance.md): large batches' activations leave the cache.
 CPU_PIXELS = 32 * 128 * 128
 #: Images per batch elsewhere (a GPU wants large batches).
 DEVICE_BATCH = 128
